@@ -1,0 +1,102 @@
+"""MicroCNN(B, D, W): the CNN family of the INFERNO thesis (Noel 2024).
+
+A 3x3 conv stem to ``C`` channels (BN, ReLU, 3x3/2 max-pool), then ``B`` stages; stage ``i`` holds ``D``
+bottleneck residual blocks with ``C * W * 2**i`` output channels. Each block is 1x1 -> 3x3 -> 1x1 with a
+middle width of ``out / 4``, BN after every conv, Swish activations, a squeeze-and-excitation unit
+(reduction 16) and, on a stage's first block, a projection shortcut. The first block of every stage after
+the first downsamples by 2. Global average pooling and a linear head close the network.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(self.act(self.reduce(s))))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, project: bool = False, se_reduction: int = 16):
+        super().__init__()
+        mid = max(1, out_ch // 4)
+        self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.se = SqueezeExcite(out_ch, se_reduction)
+        self.act = nn.SiLU()
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+            if project or stride != 1 or in_ch != out_ch
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn1(self.conv1(x)))
+        y = self.act(self.bn2(self.conv2(y)))
+        y = self.se(self.bn3(self.conv3(y)))
+        return self.act(y + self.shortcut(x))
+
+
+class MicroCNN(nn.Module):
+    """MicroCNN(B, D, W). ``depth`` may be an int (same D in every stage) or one int per stage."""
+
+    family = "microcnn"
+    moves = ("drop_stage", "drop_block", "narrow")
+
+    def __init__(
+        self,
+        stages: int = 2,
+        depth: int | list[int] = 2,
+        width: int = 1,
+        base_channels: int = 16,
+        stem_stride: int = 1,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        se_reduction: int = 16,
+    ):
+        super().__init__()
+        depths = [depth] * stages if isinstance(depth, int) else list(depth)
+        if stages < 1 or len(depths) != stages or min(depths) < 1 or width < 1 or base_channels < 1:
+            raise ValueError(
+                f"model: MicroCNN needs stages >= 1, one depth >= 1 per stage and width >= 1; "
+                f"got stages={stages}, depth={depth}, width={width}"
+            )
+        self.arch = {"stages": stages, "depth": depths, "width": width, "base_channels": base_channels}
+        c = base_channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c, 3, stride=stem_stride, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        blocks = []
+        in_ch = c
+        for i, d in enumerate(depths):
+            out_ch = c * width * 2**i
+            stage = [Bottleneck(in_ch, out_ch, stride=1 if i == 0 else 2, project=True, se_reduction=se_reduction)]
+            stage += [Bottleneck(out_ch, out_ch, se_reduction=se_reduction) for _ in range(d - 1)]
+            blocks.append(nn.Sequential(*stage))
+            in_ch = out_ch
+        self.stages = nn.ModuleList(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(torch.flatten(self.pool(x), 1))

@@ -1,0 +1,164 @@
+"""One run: build the model, task, pruner, hardware and loggers from the config, hand them to the pruner,
+write the points. Returns the objective (the pruner's best quality) for sweepers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from inferno.cost import TrainingCost, count_macs, measure
+from inferno.errors import ConfigError
+from inferno.tracking import Point, Tracker
+from inferno.training import TrainConfig, Trainers
+
+
+@dataclass
+class RunContext:
+    """What a pruner gets: the model to start from, the task, trainers, the cost model and the tracker."""
+
+    cfg: DictConfig
+    net: nn.Module
+    task: object
+    trainers: Trainers
+    tracker: Tracker
+    train: TrainConfig
+    run_dir: Path
+    _dense: tuple | None = field(default=None, repr=False)
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model.name
+
+    def example(self, batch_size: int = 1) -> torch.Tensor:
+        return self.task.example_input(batch_size)
+
+    def calib_batch(self, n: int = 64):
+        x, y = self.task.splits["train"].tensors
+        return x[:n], y[:n]
+
+    def progress(self, items, desc: str):
+        return tqdm(items, desc=desc, disable=not self.cfg.hardware.progress_bar)
+
+    def macs(self, net: nn.Module) -> int:
+        return count_macs(net, self.example())
+
+    def finetune(self, net: nn.Module, epochs: int, cost: TrainingCost) -> None:
+        """Train ``net`` in place and add the examples it processed (and their MACs) to ``cost``."""
+        samples = self.trainers.fit(net, self.task, epochs, self.train)
+        cost.add(samples, self.macs(net))
+
+    def evaluate(self, net: nn.Module, split: str = "test") -> float:
+        return self.trainers.evaluate(net, self.task, split)
+
+    def dense(self) -> tuple[nn.Module, TrainingCost]:
+        """The trained start model and what it cost; trained once per run (or loaded from
+        ``model.checkpoint``), saved as ``dense.safetensors`` and recorded as the ``dense`` point."""
+        if self._dense is None:
+            from safetensors.torch import load_file, save_file
+
+            net, cost = self.net, TrainingCost()
+            ckpt = self.cfg.model.get("checkpoint")
+            if ckpt:
+                if not Path(ckpt).is_file():
+                    raise ConfigError(f"model.checkpoint: file {ckpt} not found")
+                net.load_state_dict(load_file(ckpt))
+            else:
+                self.finetune(net, self.cfg.train.dense_epochs, cost)
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(self.run_dir / "dense.safetensors"))
+            self.record("dense", 0, net, cost)
+            self._dense = (net, cost)
+        net, cost = self._dense
+        return net, cost.copy()
+
+    def record(self, method: str, step: int, net: nn.Module, cost: TrainingCost, extra: dict | None = None) -> Point:
+        """Measure ``net`` (cost model + val and test quality) and add its point."""
+        hw = self.cfg.hardware
+        c = measure(net, self.example(), latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats)
+        dense_params = self._dense[0] if self._dense else None
+        base = sum(p.numel() for p in dense_params.parameters()) if dense_params is not None else c.params
+        extra = dict(extra or {})
+        extra.setdefault("val_value", self.evaluate(net, "val"))
+        point = Point(
+            method=method, step=step, model=self.model_name, task=self.cfg.task.name,
+            sparsity=round(1.0 - c.params / base, 6), params=c.params, macs=c.macs,
+            latency_ms=round(c.latency_ms, 4), peak_mem_mb=round(c.peak_mem_mb, 4),
+            train_samples=cost.samples, train_macs=cost.macs, metric=self.cfg.task.metric,
+            value=self.evaluate(net, "test"), wall_s=round(self.tracker.elapsed(), 2), extra=extra,
+        )
+        return self.tracker.add(point)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks across groups that Hydra's schema cannot express; one line naming the key on failure."""
+    if cfg.model.kind != cfg.task.kind:
+        raise ConfigError(
+            f"model: {cfg.model.name} is a {cfg.model.kind} model and cannot run task {cfg.task.name} "
+            f"({cfg.task.kind}); pick a {cfg.task.kind} model"
+        )
+    allowed = cfg.pruner.get("kinds")
+    if allowed and cfg.model.kind not in allowed:
+        raise ConfigError(f"pruner: {cfg.pruner.name} supports {', '.join(allowed)} models, not {cfg.model.kind}")
+
+
+# Keys of each group's node that describe it rather than go to its ``_target_``'s constructor.
+META_KEYS = {
+    "model": ("name", "kind", "checkpoint"),
+    "task": ("name", "kind", "metric", "in_channels", "num_classes"),
+    "pruner": ("name", "kinds"),
+}
+
+
+def build(cfg: DictConfig, group: str, **kwargs):
+    """``hydra.utils.instantiate`` on a group's node, without its descriptive keys."""
+    node = cfg[group]
+    try:
+        return instantiate(OmegaConf.create({k: node[k] for k in node if k not in META_KEYS[group]}), **kwargs)
+    except InstantiationException as e:  # keep our one-line message rather than Hydra's wrapper
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    if cfg.logger is None or not cfg.logger.get("_target_"):
+        return []
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return [instantiate(cfg.logger, save_dir=str(run_dir))]
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Execute one configured run in ``run_dir`` (Hydra's output directory by default)."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_num_threads(cfg.hardware.num_threads or torch.get_num_threads())
+    pruner = build(cfg, "pruner")  # first: a bad pruner value fails before any data is read
+    net = build(cfg, "model")
+    task = build(cfg, "task")
+    task.setup()
+    trainers = Trainers(**OmegaConf.to_container(cfg.hardware, resolve=True))
+    train = TrainConfig(**{k: v for k, v in OmegaConf.to_container(cfg.train).items() if k in TrainConfig.__dataclass_fields__})
+    tracker = Tracker(run_dir, build_loggers(cfg, run_dir), OmegaConf.to_container(cfg, resolve=True))
+    ctx = RunContext(cfg=cfg, net=net, task=task, trainers=trainers, tracker=tracker, train=train, run_dir=run_dir)
+    pruner.run(ctx)
+    best = tracker.best().get(cfg.pruner.name) or tracker.best().get("dense")
+    objective = float(best["value"]) if best else float("nan")
+    tracker.finish(objective)
+    return objective
+

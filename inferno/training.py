@@ -1,0 +1,120 @@
+"""Lightning modules and the Trainer built from the ``hardware`` config."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
+warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained or fine-tuned (the ``train`` config node)."""
+
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+
+
+class ClassificationModule(L.LightningModule):
+    """Fine-tunes and evaluates any classifier ``nn.Module``; counts the training examples it sees."""
+
+    def __init__(self, net: nn.Module, train: TrainConfig | None = None, max_epochs: int = 1):
+        super().__init__()
+        self.net = net
+        self.train_cfg = train or TrainConfig()
+        self.max_epochs = max_epochs
+        self.samples_seen = 0
+        self.results: dict[str, float] = {}
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=self.train_cfg.label_smoothing)
+        self.samples_seen += len(y)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch, split: str):
+        x, y = batch
+        logits = self(x)
+        self.log(f"{split}_loss", F.cross_entropy(logits, y), batch_size=len(y), prog_bar=True)
+        self.log(f"{split}_accuracy", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), prog_bar=True)
+
+    def validation_step(self, batch, _):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, _):
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self):
+        c = self.train_cfg
+        if c.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
+        elif c.optimizer == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            from inferno.errors import ConfigError
+
+            raise ConfigError(f"train.optimizer: unknown optimizer {c.optimizer!r}; allowed: adamw, sgd")
+        steps = max(1, self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=steps, pct_start=0.15)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Trainers:
+    """Builds Lightning Trainers from the ``hardware`` config; one per fit, as each child is a new model."""
+
+    def __init__(self, accelerator="cpu", devices=1, precision="32-true", strategy="auto", progress_bar=True,
+                 deterministic=False, fast_dev_run=False, limit_batches=None, **_ignored):
+        self.kw = dict(accelerator=accelerator, devices=devices, precision=precision, strategy=strategy)
+        self.progress_bar, self.deterministic = progress_bar, deterministic
+        self.fast_dev_run, self.limit_batches = fast_dev_run, limit_batches
+
+    def make(self, max_epochs: int = 1) -> L.Trainer:
+        limits = {}
+        if self.limit_batches:
+            limits = {k: self.limit_batches for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches")}
+        return L.Trainer(
+            max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+            enable_progress_bar=self.progress_bar, deterministic=self.deterministic, fast_dev_run=self.fast_dev_run,
+            num_sanity_val_steps=0, **limits, **self.kw,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.kw["accelerator"] in ("gpu", "cuda") else "cpu")
+
+    def fit(self, net: nn.Module, task, epochs: int, train: TrainConfig | None = None) -> int:
+        """Train ``net`` in place for ``epochs`` on ``task``; returns the number of training examples processed."""
+        if epochs <= 0:
+            return 0
+        net.train()
+        module = ClassificationModule(net, train, epochs)
+        trainer = self.make(epochs)
+        trainer.fit(module, train_dataloaders=task.train_dataloader())
+        net.cpu()
+        return module.samples_seen
+
+    def evaluate(self, net: nn.Module, task, split: str = "test") -> float:
+        """Accuracy of ``net`` on ``split`` (``val`` for selection, ``test`` for reporting)."""
+        module = ClassificationModule(net)
+        trainer = self.make()
+        loader = task.val_dataloader() if split == "val" else task.test_dataloader()
+        fn = trainer.validate if split == "val" else trainer.test
+        res = fn(module, dataloaders=loader, verbose=False)[0]
+        net.cpu()
+        return float(res[f"{split}_accuracy"])

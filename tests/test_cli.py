@@ -1,0 +1,131 @@
+"""The CLI contract: composition, --help, bad values, outputs of a run, multirun, loggers."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from inferno.errors import ConfigError
+from inferno.run import run, validate
+from inferno.tracking import COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ("model", "task", "pruner", "hardware", "logger", "paths")
+
+
+def cli(*args, env=None, timeout=600):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "inferno", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def test_composed_config_has_every_group(compose_cfg):
+    cfg = compose_cfg()
+    for g in GROUPS:
+        assert g in cfg and cfg[g] is not None, g
+    assert (cfg.model.name, cfg.task.name, cfg.pruner.name, cfg.hardware.accelerator) == ("microcnn", "digits", "uniform", "cpu")
+    assert cfg.logger.mode == "offline"
+    assert cfg.model.in_channels == cfg.task.in_channels == 1
+    cfg = compose_cfg("model=resnet20", "task=mnist", "hardware=gpu", "logger=csv", "experiment=smoke")
+    assert cfg.model.name == "resnet20" and cfg.task.data_dir == cfg.paths.data_dir
+    assert cfg.hardware.accelerator == "gpu" and cfg.hardware.latency_batch_size == 256
+    assert cfg.pruner.ratios == [0.5] and cfg.logger._target_.endswith("CSVLogger")
+    assert not compose_cfg("logger=none").logger
+
+
+def test_unknown_model_names_group_and_options(compose_cfg):
+    with pytest.raises(HydraException) as e:
+        compose_cfg("model=vgg99")
+    msg = str(e.value)
+    assert "model/vgg99" in msg and "microcnn" in msg and "resnet20" in msg
+
+
+def test_unknown_key_is_refused(compose_cfg):
+    with pytest.raises(HydraException, match="pruner.ratioz"):
+        compose_cfg("pruner.ratioz=[0.5]")
+
+
+def test_incompatible_model_task_pair_one_line(compose_cfg):
+    cfg = compose_cfg()
+    OmegaConf.set_struct(cfg, False)
+    cfg.task.kind, cfg.task.name = "causal_lm", "wikitext2"
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value).startswith("model: microcnn is a vision model") and "\n" not in str(e.value)
+
+
+def test_help_lists_every_group():
+    out = cli("--help").stdout
+    for g in GROUPS + ("experiment",):
+        assert f"{g}:" in out, g
+    for option in ("microcnn", "resnet20", "digits", "mnist", "uniform", "cpu", "gpu", "ddp", "wandb", "csv", "none"):
+        assert option in out, option
+
+
+def test_cfg_job_prints_composition():
+    out = cli("--cfg", "job", "model=resnet20").stdout
+    assert "_target_: inferno.models.resnet20.ResNet20" in out and "name: digits" in out
+
+
+def test_bad_ratio_fails_with_one_line(tmp_path):
+    r = cli("pruner.ratios=[0.5,1.5]", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == "error: pruner.ratios: ratio 1.5 is outside [0, 1)"
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_data_file_names_key(tmp_path):
+    r = cli("task=mnist", "logger=none", f"hydra.run.dir={tmp_path}", env={"INFERNO_DATA": str(tmp_path / "nowhere")})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: paths.data_dir: MNIST file")
+
+
+@pytest.mark.slow
+def test_default_experiment_end_to_end(tmp_path):
+    """`python -m inferno` with no arguments (but the run dir): all outputs, W&B offline run included."""
+    r = cli(f"hydra.run.dir={tmp_path}", "hardware.progress_bar=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "points.csv")))
+    assert list(rows[0])[: len(COLUMNS)] == list(COLUMNS)
+    cfg = OmegaConf.load(ROOT / "conf/pruner/uniform.yaml")
+    assert [r["method"] for r in rows] == ["dense"] + ["uniform"] * len(cfg.ratios)
+    dense = rows[0]
+    assert float(dense["value"]) > 0.9  # the trained MicroCNN on digits
+    for row, ratio in zip(rows[1:], cfg.ratios):
+        assert float(row["ratio"]) == ratio
+        assert int(row["macs"]) < int(dense["macs"]) and int(row["params"]) < int(dense["params"])
+        # each child cost the dense training plus its own fine-tuning
+        assert int(row["train_samples"]) > int(dense["train_samples"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["best"]) == {"dense", "uniform"} and summary["config"]["model"]["name"] == "microcnn"
+    assert summary["wall_s"] < 300
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_run_in_process_with_csv_logger(compose_cfg, tmp_path):
+    cfg = compose_cfg("experiment=smoke", "logger=csv", "hardware.limit_batches=3")
+    objective = run(cfg, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "points.csv")))
+    assert len(rows) == 2 and rows[1]["method"] == "uniform"
+    assert objective == max(float(r["value"]) for r in rows if r["method"] == "uniform")
+    # the model pruned at 0.5 has the params of the half-width network (see test_models_cost)
+    assert int(rows[1]["params"]) < int(rows[0]["params"]) / 3
+    metrics = list((tmp_path / "lightning_csv").rglob("metrics.csv"))
+    assert metrics and "uniform/value" in metrics[0].read_text()
+
+
+def test_multirun_sweep(tmp_path):
+    r = cli("-m", "experiment=smoke", "logger=none", "hardware.limit_batches=2", "pruner.importance=l1,l2", f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    points = sorted(tmp_path.glob("*/points.csv"))
+    assert len(points) == 2
+    cfgs = [json.loads((p.parent / "summary.json").read_text())["config"]["pruner"]["importance"] for p in points]
+    assert sorted(cfgs) == ["l1", "l2"]
