@@ -138,5 +138,5 @@ class TrainingCost:
         self.samples += int(samples)
         self.macs += int(samples) * int(macs_per_sample)
 
-    def copy(self) -> "TrainingCost":
+    def copy(self) -> TrainingCost:
         return TrainingCost(self.samples, self.macs)

@@ -7,9 +7,10 @@ import csv
 import json
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 COLUMNS = (
     "method", "step", "model", "task", "sparsity", "params", "macs", "latency_ms", "peak_mem_mb",

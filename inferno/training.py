@@ -80,7 +80,7 @@ class Trainers:
 
     def __init__(self, accelerator="cpu", devices=1, precision="32-true", strategy="auto", progress_bar=True,
                  deterministic=False, fast_dev_run=False, limit_batches=None, **_ignored):
-        self.kw = dict(accelerator=accelerator, devices=devices, precision=precision, strategy=strategy)
+        self.kw = {"accelerator": accelerator, "devices": devices, "precision": precision, "strategy": strategy}
         self.progress_bar, self.deterministic = progress_bar, deterministic
         self.fast_dev_run, self.limit_batches = fast_dev_run, limit_batches
 

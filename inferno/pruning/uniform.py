@@ -4,7 +4,7 @@ importance, each child fine-tuned briefly from the dense parent's weights."""
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 from inferno.pruning.structured import check_ratio, prune_channels
 

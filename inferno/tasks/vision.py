@@ -33,7 +33,7 @@ class ImageClassificationTask(LightningDataModule):
 
     def split_sizes(self, n: int) -> tuple[int, int]:
         """(validation, test) sizes of the held-out part."""
-        held = int(round(n * 0.2))
+        held = round(n * 0.2)
         return held // 2, held - held // 2
 
     def setup(self, stage: str | None = None) -> None:
