@@ -1,0 +1,142 @@
+"""Hugging Face causal LMs: load from a local folder, build tiny random ones, inject outlier
+channels without changing the function, save a pruned model with its sparsity report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inferno.errors import ConfigError
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES) + ['auto']}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_causal_lm(path, dtype="float32", device="cpu") -> nn.Module:
+    """A causal LM from a local folder (never downloads), in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.path {str(path)!r} is not a local folder with a Hugging Face model")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=_dtype(dtype), trust_remote_code=False, local_files_only=True
+    )
+    return model.to(device).eval()
+
+
+def tiny_config(
+    family: str,
+    vocab_size: int = 256,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 128,
+    max_positions: int = 128,
+):
+    """A small transformers config of the given family (hidden 64, 2 blocks, vocab 256 by default)."""
+    import transformers as tf
+
+    common = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **common,
+        )
+    if family == "opt":
+        return tf.OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
+            word_embed_proj_dim=hidden,
+            dropout=0.0,
+            attention_dropout=0.0,
+            **common,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=intermediate,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
+    raise ConfigError(f"model family must be one of {list(FAMILIES)}, got {family!r}")
+
+
+def tiny_causal_lm(family: str = "llama", seed: int = 0, **config_overrides) -> nn.Module:
+    """A randomly initialised small causal LM (deterministic given ``seed``), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **config_overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@torch.no_grad()
+def inject_outliers(model: nn.Module, channels, factor: float = 50.0) -> nn.Module:
+    """Make a few hidden channels huge without changing the function (Llama family: llama, mistral, qwen2).
+
+    In every block, RMSNorm weight channel c is multiplied by ``factor`` and the input column c of the
+    linears that read that norm's output (q/k/v after ``input_layernorm``; gate/up after
+    ``post_attention_layernorm``) is divided by it: the products are unchanged, but |W| in those
+    columns shrinks while the activations grow -- the situation where magnitude pruning fails and
+    activation-aware scores (Wanda) do not.
+    """
+    channels = torch.as_tensor(list(channels), dtype=torch.long)
+    for block in model.model.layers:
+        pairs = [
+            (block.input_layernorm, [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]),
+            (block.post_attention_layernorm, [block.mlp.gate_proj, block.mlp.up_proj]),
+        ]
+        for norm, linears in pairs:
+            norm.weight[channels] *= factor
+            for lin in linears:
+                lin.weight[:, channels] /= factor
+    return model
+
+
+def save_pruned(model: nn.Module, tokenizer, outdir, report: dict) -> Path:
+    """``save_pretrained`` (safetensors) + tokenizer if given + ``pruning_report.json``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # transformers >= 5 always writes safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    values = list(report.values())
+    summary = {
+        "mean_layer_sparsity": sum(values) / len(values) if values else 0.0,
+        "layers": report,
+    }
+    (out / "pruning_report.json").write_text(json.dumps(summary, indent=2))
+    return out

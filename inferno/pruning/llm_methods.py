@@ -1,0 +1,254 @@
+"""LLM calibration-pruning methods, chosen by name: ``get_method("wanda", sparsity=0.5)``.
+
+A method is a small object the calibration runner (``calibration.prune_model``) drives:
+
+* ``needs_calibration`` -- False lets the runner skip the forward passes (magnitude);
+* ``make_stats(in_features, device)`` -- a collector fed each linear's inputs (``.add(x)``);
+* ``prune_weight(weight, stats, layer_index, name)`` -- the pruned (out, in) weight;
+* optional ``prepare(model, state, device=..., ...)`` -- a pass before pruning (OWL's dense measuring pass).
+
+Defaults follow the papers: magnitude compares weights across the whole matrix (``group="layer"``),
+Wanda and INFERNO per output row (``group="row"``), SparseGPT across each 128-column block.
+With ``pattern="N:M"`` the sparsity is fixed by the pattern (1 - N/M); a conflicting ``sparsity`` is
+an error, ``sparsity=None`` takes it from the pattern.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from inferno.errors import ConfigError
+from inferno.pruning.masks import check_group, check_sparsity, keep_mask, parse_pattern
+from inferno.pruning.scores import InputNorms, magnitude, skewness_row_sparsity, wanda
+from inferno.pruning.sparsegpt import Hessian, sparsegpt_prune
+
+
+class PruningMethod:
+    name = "base"
+    needs_calibration = True
+
+    def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured", group: str = "row"):
+        nm = parse_pattern(pattern)
+        if nm is not None:
+            implied = 1 - nm[0] / nm[1]
+            if sparsity is not None and abs(float(sparsity) - implied) > 1e-6:
+                raise ConfigError(
+                    f"pruner.sparsity={sparsity} conflicts with pruner.pattern='{pattern}', which fixes "
+                    f"sparsity at {implied:g} (set pruner.sparsity={implied:g} or null)"
+                )
+            sparsity = implied
+        self.sparsity = check_sparsity(sparsity)
+        self.pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+        self.group = check_group(group)
+        self.per_layer: dict[int, float] | None = None  # non-uniform layer sparsities (set by OWL)
+
+    def layer_sparsity(self, layer_index: int) -> float:
+        if self.per_layer is not None and layer_index in self.per_layer:
+            return self.per_layer[layer_index]
+        return self.sparsity
+
+    def make_stats(self, in_features: int, device="cpu"):
+        return InputNorms(in_features, device)
+
+    def scores(self, weight: torch.Tensor, stats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune_weight(self, weight: torch.Tensor, stats, layer_index: int = 0, name: str | None = None):
+        scores = self.scores(weight, stats)
+        mask = keep_mask(scores, self.layer_sparsity(layer_index), self.pattern, self.group, layer=name)
+        return weight * mask.to(weight.device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sparsity={self.sparsity}, pattern={self.pattern!r}, group={self.group!r})"
+
+
+class Magnitude(PruningMethod):
+    """Keep the largest |W| (no data)."""
+
+    name = "magnitude"
+    needs_calibration = False
+
+    def __init__(self, sparsity=0.5, pattern="unstructured", group="layer"):
+        super().__init__(sparsity, pattern, group)
+
+    def make_stats(self, in_features, device="cpu"):
+        return None
+
+    def scores(self, weight, stats):
+        return magnitude(weight)
+
+
+class Wanda(PruningMethod):
+    """Keep the largest |W_ij| * ||X_j||_2, compared per output row."""
+
+    name = "wanda"
+
+    def scores(self, weight, stats):
+        return wanda(weight, stats)
+
+
+class SparseGPT(PruningMethod):
+    """OBS-style pruning with error compensation (see ``sparsegpt.py``)."""
+
+    name = "sparsegpt"
+
+    def __init__(self, sparsity=0.5, pattern="unstructured", group="layer", blocksize=128, percdamp=0.01):
+        super().__init__(sparsity, pattern, group)
+        self.blocksize, self.percdamp = int(blocksize), float(percdamp)
+
+    def make_stats(self, in_features, device="cpu"):
+        return Hessian(in_features, device)
+
+    def prune_weight(self, weight, stats, layer_index=0, name=None):
+        return sparsegpt_prune(
+            weight,
+            stats.H,
+            self.layer_sparsity(layer_index),
+            self.pattern,
+            self.group,
+            self.blocksize,
+            self.percdamp,
+            layer=name,
+        )
+
+
+class InfernoTask(PruningMethod):
+    """INFERNO task-specific pruning: Wanda scores from the task's own (unlabeled) inputs.
+
+    ``score="l2"``: uniform per-row sparsity (Wanda rule on task data). ``score="skewness"``: each
+    row gets its own sparsity from the skewness of its score distribution
+    (``scores.skewness_row_sparsity``), averaging to the target per matrix.
+    """
+
+    name = "inferno_task"
+    SCORES = ("l2", "skewness")
+
+    def __init__(self, sparsity=0.5, pattern="unstructured", group="row", score="l2"):
+        super().__init__(sparsity, pattern, group)
+        if score not in self.SCORES:
+            raise ConfigError(f"pruner.score must be one of {list(self.SCORES)}, got {score!r}")
+        if score == "skewness" and self.pattern != "unstructured":
+            raise ConfigError(
+                "pruner.score='skewness' allocates per-row sparsity and needs pruner.pattern='unstructured'"
+            )
+        self.score = score
+
+    def scores(self, weight, stats):
+        return wanda(weight, stats)
+
+    def prune_weight(self, weight, stats, layer_index=0, name=None):
+        if self.score == "l2":
+            return super().prune_weight(weight, stats, layer_index, name)
+        scores = self.scores(weight, stats)
+        rows = skewness_row_sparsity(scores, self.layer_sparsity(layer_index))
+        return weight * keep_mask(scores, rows, layer=name).to(weight.device)
+
+
+class OWL(PruningMethod):
+    """Outlier-Weighed Layerwise sparsity (Yin et al. 2024) on top of Wanda or SparseGPT.
+
+    A dense pass measures each block's outlier ratio D_l: the fraction of the block's Wanda scores
+    above ``owl_m`` times their mean. Ratios are min-max scaled to [0, 2 * owl_lambda], shifted to
+    mean ``1 - s`` and used as keep ratios, so s_l = 1 - keep_l lies within a 2-lambda band, averages
+    to s, and blocks with more outliers are pruned less (as in the reference implementation).
+    """
+
+    name = "owl"
+
+    def __init__(
+        self,
+        sparsity=0.5,
+        pattern="unstructured",
+        base="wanda",
+        owl_m=5.0,
+        owl_lambda=0.08,
+        group="row",
+        blocksize=128,
+        percdamp=0.01,
+    ):
+        super().__init__(sparsity, pattern, group)
+        if self.pattern != "unstructured":
+            raise ConfigError("pruner=owl sets non-uniform layer sparsity and needs pruner.pattern='unstructured'")
+        if base == "wanda":
+            self.base = Wanda(self.sparsity, self.pattern, group)
+        elif base == "sparsegpt":
+            self.base = SparseGPT(self.sparsity, self.pattern, "layer", blocksize, percdamp)
+        else:
+            raise ConfigError(f"pruner.base must be one of ['wanda', 'sparsegpt'], got {base!r}")
+        self.owl_m, self.owl_lambda = float(owl_m), float(owl_lambda)
+        self.outlier_ratios: dict[int, float] = {}
+
+    def make_stats(self, in_features, device="cpu"):
+        return self.base.make_stats(in_features, device)
+
+    def prune_weight(self, weight, stats, layer_index=0, name=None):
+        return self.base.prune_weight(weight, stats, layer_index, name)
+
+    def layer_sparsity(self, layer_index):
+        return self.base.layer_sparsity(layer_index)
+
+    def prepare(self, model, state, device="cpu", store_device="cpu", progress=True):
+        """Dense pass over all blocks measuring outlier ratios, then set the per-layer sparsities."""
+        from inferno.pruning.calibration import get_weight, run_layers
+
+        def measure(i, linears, stats):
+            scores = [wanda(get_weight(m), stats[n]) for n, m in linears.items()]
+            mean = sum(float(s.sum()) for s in scores) / sum(s.numel() for s in scores)
+            above = sum(int((s > self.owl_m * mean).sum()) for s in scores)
+            self.outlier_ratios[i] = above / sum(s.numel() for s in scores)
+            return False  # nothing changed: the dense outputs feed the next block
+
+        def make_stats(name, mod):
+            return InputNorms(get_weight(mod).shape[1], device)
+
+        run_layers(
+            model,
+            state,
+            range(state.next_layer, len(_blocks(model))),
+            measure,
+            make_stats,
+            device,
+            store_device,
+            "owl[measure]",
+            progress,
+        )
+        self.base.per_layer = self.allocate(self.outlier_ratios)
+
+    def allocate(self, ratios: dict[int, float]) -> dict[int, float]:
+        """Per-layer sparsities from outlier ratios (more outliers -> lower sparsity), mean = target."""
+        idx = sorted(ratios)
+        d = torch.tensor([ratios[i] for i in idx], dtype=torch.float64)
+        span = float(d.max() - d.min()) if len(idx) else 0.0
+        scaled = (d - d.min()) / span * (2 * self.owl_lambda) if span > 0 else torch.zeros_like(d)
+        keep = scaled - scaled.mean() + (1 - self.sparsity)
+        sparsity = (1 - keep).clamp(0.0, 0.99)
+        return {i: float(s) for i, s in zip(idx, sparsity)}
+
+
+def _blocks(model):
+    from inferno.pruning.calibration import get_blocks
+
+    return get_blocks(model)
+
+
+METHODS: dict[str, type[PruningMethod]] = {
+    "magnitude": Magnitude,
+    "wanda": Wanda,
+    "sparsegpt": SparseGPT,
+    "owl": OWL,
+    "inferno_task": InfernoTask,
+}
+
+
+def get_method(name: str, **kwargs) -> PruningMethod:
+    """Build a method by name; options not accepted by that method are an error naming the accepted ones."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown pruner {name!r}; allowed: {list(METHODS)}")
+    cls = METHODS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"pruner {name!r} got unexpected option(s) {unknown}; accepted: {accepted}")
+    return cls(**kwargs)
