@@ -57,8 +57,9 @@ class RunContext:
         samples = self.trainers.fit(net, self.task, epochs, self.train)
         cost.add(samples, self.macs(net))
 
-    def evaluate(self, net: nn.Module, split: str = "test") -> float:
-        return self.trainers.evaluate(net, self.task, split)
+    def evaluate(self, net: nn.Module, split: str = "test") -> dict[str, float]:
+        """Every metric the task reports for ``net`` on ``split`` (``val`` selects, ``test`` reports)."""
+        return self.task.evaluate(net, split, self.trainers)
 
     def dense(self) -> tuple[nn.Module, TrainingCost]:
         """The trained start model and what it cost; trained once per run (or loaded from
@@ -80,20 +81,33 @@ class RunContext:
         net, cost = self._dense
         return net, cost.copy()
 
-    def record(self, method: str, step: int, net: nn.Module, cost: TrainingCost, extra: dict | None = None) -> Point:
-        """Measure ``net`` (cost model + val and test quality) and add its point."""
+    def record(
+        self, method: str, step: int, net: nn.Module, cost: TrainingCost, extra: dict | None = None,
+        sparsity: float | None = None, scores: dict[str, float] | None = None,
+    ) -> Point:
+        """Measure ``net`` (cost model, then the task's metrics) and add its point.
+
+        ``value`` is the task's primary metric on the test split; its other metrics become extra columns,
+        and the primary metric on the validation split ``val_value`` where the task has one. ``sparsity``
+        defaults to the fraction of the dense model's parameters removed (structured pruning); unstructured
+        methods pass the fraction of zeros. ``scores`` skips the evaluation when the caller has it."""
         hw = self.cfg.hardware
         c = measure(net, self.example(), latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats)
-        dense_params = self._dense[0] if self._dense else None
-        base = sum(p.numel() for p in dense_params.parameters()) if dense_params is not None else c.params
+        if sparsity is None:
+            base = sum(p.numel() for p in self._dense[0].parameters()) if self._dense else c.params
+            sparsity = 1.0 - c.params / base
+        metric = self.cfg.task.metric
+        scores = dict(scores or self.evaluate(net, "test"))
         extra = dict(extra or {})
-        extra.setdefault("val_value", self.evaluate(net, "val"))
+        if getattr(self.task, "has_val", False) and "val_value" not in extra:
+            extra["val_value"] = self.evaluate(net, "val")[metric]
+        extra.update({k: v for k, v in scores.items() if k != metric})
         point = Point(
             method=method, step=step, model=self.model_name, task=self.cfg.task.name,
-            sparsity=round(1.0 - c.params / base, 6), params=c.params, macs=c.macs,
+            sparsity=round(float(sparsity), 6), params=c.params, macs=c.macs,
             latency_ms=round(c.latency_ms, 4), peak_mem_mb=round(c.peak_mem_mb, 4),
-            train_samples=cost.samples, train_macs=cost.macs, metric=self.cfg.task.metric,
-            value=self.evaluate(net, "test"), wall_s=round(self.tracker.elapsed(), 2), extra=extra,
+            train_samples=cost.samples, train_macs=cost.macs, metric=metric,
+            value=scores[metric], wall_s=round(self.tracker.elapsed(), 2), extra=extra,
         )
         return self.tracker.add(point)
 

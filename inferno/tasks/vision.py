@@ -22,6 +22,7 @@ class ImageClassificationTask(LightningDataModule):
     """Holds the three splits as tensors; subclasses only say how to read the images and labels."""
 
     metric = "accuracy"
+    has_val = True
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int = 512, seed: int = 0, num_workers: int = 0):
         super().__init__()
@@ -68,6 +69,9 @@ class ImageClassificationTask(LightningDataModule):
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         return torch.zeros(batch_size, *self.input_shape)
+
+    def evaluate(self, net, split: str, trainers) -> dict[str, float]:
+        return {self.metric: trainers.evaluate(net, self, split)}
 
 
 class DigitsTask(ImageClassificationTask):
