@@ -3,6 +3,7 @@ write the points. Returns the objective (the pruner's best quality) for sweepers
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from inferno.errors import ConfigError
 from inferno.tracking import Point, Tracker
 from inferno.training import TrainConfig, Trainers
 
+log = logging.getLogger("inferno")
+
 
 @dataclass
 class RunContext:
@@ -33,6 +36,7 @@ class RunContext:
     tracker: Tracker
     train: TrainConfig
     run_dir: Path
+    results: dict = field(default_factory=dict)  # what each method of the run reports to later ones
     _dense: tuple | None = field(default=None, repr=False)
 
     @property
@@ -48,6 +52,13 @@ class RunContext:
 
     def progress(self, items, desc: str):
         return tqdm(items, desc=desc, disable=not self.cfg.hardware.progress_bar)
+
+    def samples_per_epoch(self) -> int:
+        """Training examples one epoch processes (fewer under ``hardware.limit_batches``)."""
+        n = len(self.task.splits["train"])
+        if self.trainers.limit_batches:
+            n = min(n, int(self.trainers.limit_batches) * self.task.batch_size)
+        return n
 
     def macs(self, net: nn.Module) -> int:
         return count_macs(net, self.example())
@@ -65,7 +76,7 @@ class RunContext:
         """The trained start model and what it cost; trained once per run (or loaded from
         ``model.checkpoint``), saved as ``dense.safetensors`` and recorded as the ``dense`` point."""
         if self._dense is None:
-            from safetensors.torch import load_file, save_file
+            from safetensors.torch import load_file
 
             net, cost = self.net, TrainingCost()
             ckpt = self.cfg.model.get("checkpoint")
@@ -75,11 +86,28 @@ class RunContext:
                 net.load_state_dict(load_file(ckpt))
             else:
                 self.finetune(net, self.cfg.train.dense_epochs, cost)
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(self.run_dir / "dense.safetensors"))
+            self.save_net(net, "dense")
             self.record("dense", 0, net, cost)
             self._dense = (net, cost)
         net, cost = self._dense
         return net, cost.copy()
+
+    def set_dense(self, net: nn.Module, cost: TrainingCost) -> None:
+        """Adopt an already trained start model (a resumed search's) without recording it again."""
+        self.net, self._dense = net, (net, cost)
+
+    def save_net(self, net: nn.Module, name: str) -> Path:
+        """``NAME.safetensors`` (weights) and, for spec'd models, ``NAME.json`` (architecture) in the run dir."""
+        from safetensors.torch import save_file
+
+        path = self.run_dir / f"{name}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(path))
+        if hasattr(net, "spec"):
+            (self.run_dir / f"{name}.json").write_text(json.dumps({"family": type(net).__name__, "spec": net.spec()}))
+        return path
+
+    def log(self, message: str) -> None:
+        log.info(message)
 
     def record(
         self, method: str, step: int, net: nn.Module, cost: TrainingCost, extra: dict | None = None,
@@ -134,9 +162,14 @@ META_KEYS = {
 
 def build(cfg: DictConfig, group: str, **kwargs):
     """``hydra.utils.instantiate`` on a group's node, without its descriptive keys."""
-    node = cfg[group]
+    return build_node(cfg[group], group, **kwargs)
+
+
+def build_node(node: DictConfig, group: str, **kwargs):
+    """``build`` for any node of a group's shape (e.g. a pruner nested in ``pruner=compare``)."""
     try:
-        return instantiate(OmegaConf.create({k: node[k] for k in node if k not in META_KEYS[group]}), **kwargs)
+        fields = OmegaConf.to_container(node, resolve=True)  # resolved here, where the root is in reach
+        return instantiate(OmegaConf.create({k: v for k, v in fields.items() if k not in META_KEYS[group]}), **kwargs)
     except InstantiationException as e:  # keep our one-line message rather than Hydra's wrapper
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None

@@ -12,6 +12,7 @@ from torch import nn
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
 warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
 
@@ -84,12 +85,22 @@ class Trainers:
         self.progress_bar, self.deterministic = progress_bar, deterministic
         self.fast_dev_run, self.limit_batches = fast_dev_run, limit_batches
 
-    def make(self, max_epochs: int = 1) -> L.Trainer:
+    def make(self, max_epochs: float = 1) -> L.Trainer:
+        """A Trainer for ``max_epochs``; a fraction below 1 trains on that fraction of one epoch's batches."""
         limits = {}
         if self.limit_batches:
             limits = {k: self.limit_batches for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches")}
+        if 0 < max_epochs < 1:
+            limits["limit_train_batches"] = (
+                max(1, int(self.limit_batches * max_epochs)) if self.limit_batches else float(max_epochs)
+            )
+            max_epochs = 1
+        elif max_epochs != int(max_epochs):
+            from inferno.errors import ConfigError
+
+            raise ConfigError(f"epochs: {max_epochs} must be a whole number of epochs or a fraction below 1")
         return L.Trainer(
-            max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+            max_epochs=int(max_epochs), logger=False, enable_checkpointing=False, enable_model_summary=False,
             enable_progress_bar=self.progress_bar, deterministic=self.deterministic, fast_dev_run=self.fast_dev_run,
             num_sanity_val_steps=0, **limits, **self.kw,
         )
@@ -98,15 +109,17 @@ class Trainers:
     def device(self) -> torch.device:
         return torch.device("cuda" if self.kw["accelerator"] in ("gpu", "cuda") else "cpu")
 
-    def fit(self, net: nn.Module, task, epochs: int, train: TrainConfig | None = None) -> int:
+    def fit(self, net: nn.Module, task, epochs: float, train: TrainConfig | None = None) -> int:
         """Train ``net`` in place for ``epochs`` on ``task``; returns the number of training examples processed."""
+        return self.fit_module(ClassificationModule(net, train, epochs), task, epochs)
+
+    def fit_module(self, module: ClassificationModule, task, epochs: float) -> int:
+        """Fit any ClassificationModule (e.g. a supernet's) on ``task``'s training split; examples processed."""
         if epochs <= 0:
             return 0
-        net.train()
-        module = ClassificationModule(net, train, epochs)
-        trainer = self.make(epochs)
-        trainer.fit(module, train_dataloaders=task.train_dataloader())
-        net.cpu()
+        module.net.train()
+        self.make(epochs).fit(module, train_dataloaders=task.train_dataloader())
+        module.net.cpu()
         return module.samples_seen
 
     def evaluate(self, net: nn.Module, task, split: str = "test") -> float:

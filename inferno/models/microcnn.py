@@ -14,9 +14,9 @@ from torch import nn
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, hidden: int | None = None):
         super().__init__()
-        hidden = max(1, channels // reduction)
+        hidden = hidden or max(1, channels // reduction)
         self.reduce = nn.Conv2d(channels, hidden, 1)
         self.expand = nn.Conv2d(hidden, channels, 1)
         self.act = nn.SiLU()
@@ -27,22 +27,26 @@ class SqueezeExcite(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, project: bool = False, se_reduction: int = 16):
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, project: bool = False, se_reduction: int = 16,
+                 mid: int | None = None, se: int | None = None):
         super().__init__()
-        mid = max(1, out_ch // 4)
+        mid = mid or max(1, out_ch // 4)
         self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
         self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
-        self.se = SqueezeExcite(out_ch, se_reduction)
+        self.se = SqueezeExcite(out_ch, se_reduction, se)
         self.act = nn.SiLU()
         self.shortcut = (
             nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
             if project or stride != 1 or in_ch != out_ch
             else nn.Identity()
         )
+
+    def spec(self) -> dict:
+        return {"mid": self.conv1.out_channels, "out": self.conv3.out_channels, "se": self.se.reduce.out_channels}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn1(self.conv1(x)))
@@ -52,7 +56,11 @@ class Bottleneck(nn.Module):
 
 
 class MicroCNN(nn.Module):
-    """MicroCNN(B, D, W). ``depth`` may be an int (same D in every stage) or one int per stage."""
+    """MicroCNN(B, D, W). ``depth`` may be an int (same D in every stage) or one int per stage.
+
+    ``spec`` (as returned by :meth:`spec`) overrides B, D, W and C with explicit channel counts for every
+    block (``{"stem": C, "stages": [[{"mid", "out", "se"}, ...], ...]}``): the form pruned and sampled
+    networks take, so that any of them can be rebuilt and its weights loaded."""
 
     family = "microcnn"
     moves = ("drop_stage", "drop_block", "narrow")
@@ -67,16 +75,24 @@ class MicroCNN(nn.Module):
         in_channels: int = 1,
         num_classes: int = 10,
         se_reduction: int = 16,
+        spec: dict | None = None,
     ):
         super().__init__()
-        depths = [depth] * stages if isinstance(depth, int) else list(depth)
-        if stages < 1 or len(depths) != stages or min(depths) < 1 or width < 1 or base_channels < 1:
-            raise ValueError(
-                f"model: MicroCNN needs stages >= 1, one depth >= 1 per stage and width >= 1; "
-                f"got stages={stages}, depth={depth}, width={width}"
-            )
-        self.arch = {"stages": stages, "depth": depths, "width": width, "base_channels": base_channels}
-        c = base_channels
+        if spec is None:
+            depths = [depth] * stages if isinstance(depth, int) else list(depth)
+            if stages < 1 or len(depths) != stages or min(depths) < 1 or width < 1 or base_channels < 1:
+                raise ValueError(
+                    f"model: MicroCNN needs stages >= 1, one depth >= 1 per stage and width >= 1; "
+                    f"got stages={stages}, depth={depth}, width={width}"
+                )
+            c = base_channels
+            spec = {"stem": c, "stages": [
+                [{"mid": max(1, c * width * 2**i // 4), "out": c * width * 2**i,
+                  "se": max(1, c * width * 2**i // se_reduction)}] * d
+                for i, d in enumerate(depths)
+            ]}
+        self.config = {"stem_stride": stem_stride, "in_channels": in_channels, "num_classes": num_classes}
+        c = spec["stem"]
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, c, 3, stride=stem_stride, padding=1, bias=False),
             nn.BatchNorm2d(c),
@@ -85,15 +101,20 @@ class MicroCNN(nn.Module):
         )
         blocks = []
         in_ch = c
-        for i, d in enumerate(depths):
-            out_ch = c * width * 2**i
-            stage = [Bottleneck(in_ch, out_ch, stride=1 if i == 0 else 2, project=True, se_reduction=se_reduction)]
-            stage += [Bottleneck(out_ch, out_ch, se_reduction=se_reduction) for _ in range(d - 1)]
+        for i, stage_spec in enumerate(spec["stages"]):
+            stage = []
+            for j, b in enumerate(stage_spec):
+                stride = 2 if (i > 0 and j == 0) else 1
+                stage.append(Bottleneck(in_ch, b["out"], stride=stride, project=j == 0, mid=b["mid"], se=b["se"]))
+                in_ch = b["out"]
             blocks.append(nn.Sequential(*stage))
-            in_ch = out_ch
         self.stages = nn.ModuleList(blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(in_ch, num_classes)
+
+    def spec(self) -> dict:
+        """Channel counts of every layer, read off the modules (valid after any surgery)."""
+        return {"stem": self.stem[0].out_channels, "stages": [[b.spec() for b in st] for st in self.stages]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

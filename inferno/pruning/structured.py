@@ -1,7 +1,9 @@
 """Structured channel surgery on any CNN through Torch-Pruning's dependency graph.
 
-Importance (what to score) is chosen by name; the dependency graph keeps residual adds, SE gates and
-BatchNorms consistent and physically shrinks every coupled layer, so MACs and latency fall.
+Importance (what to score) is chosen by name; the dependency graph groups every channel that must go
+together (a conv's filters, its BatchNorm, the consumers' input channels, residual adds, SE gates) and
+physically shrinks every coupled layer, so MACs and latency fall. ``prune_channels`` returns which
+channels each group kept, so weight transfer can be checked channel by channel.
 """
 
 from __future__ import annotations
@@ -34,36 +36,55 @@ def check_ratio(ratio: float, key: str = "pruner.ratios") -> float:
     return float(ratio)
 
 
+@torch.no_grad()
+def _scores(imp, group) -> torch.Tensor:
+    return imp(group)
+
+
 def prune_channels(
     model: nn.Module,
     example: torch.Tensor,
-    ratio: float | None = None,
-    ratio_dict: dict[nn.Module, float] | None = None,
+    ratio: float,
     importance_name: str = "l1",
     ignored: list[nn.Module] | None = None,
+    scope: nn.Module | None = None,
     calib_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> nn.Module:
-    """Remove ``ratio`` of the channels of every prunable layer (or per-layer ratios in ``ratio_dict``),
-    lowest importance first, in place. ``ignored`` defaults to the model's ``head`` (the class outputs).
-    Taylor importance needs ``calib_batch`` = (inputs, labels) for one backward pass."""
-    check_ratio(ratio or 0.0)
+) -> dict[str, list[int]]:
+    """Remove ``ratio`` of the channels of every prunable channel group (``int(n * ratio)`` of its ``n``),
+    lowest importance first, in place, and return ``{root layer name: kept channel indices}``.
+
+    ``scope`` restricts pruning to the groups whose root layer lies inside that module (e.g. one stage).
+    ``ignored`` defaults to the model's ``head`` (the class outputs). Taylor importance needs
+    ``calib_batch`` = (inputs, labels) for one backward pass."""
+    check_ratio(ratio)
     imp = importance(importance_name)
     if ignored is None:
         ignored = [model.head] if hasattr(model, "head") else []
-    pruner = tp.pruner.BasePruner(
-        model,
-        example,
-        importance=imp,
-        pruning_ratio=ratio or 0.0,
-        pruning_ratio_dict=ratio_dict,
-        ignored_layers=ignored,
-        global_pruning=False,
-    )
+    names = {m: n for n, m in model.named_modules()}
+    inside = set(scope.modules()) if scope is not None else None
     if isinstance(imp, tp.importance.TaylorImportance):
         if calib_batch is None:
             raise ConfigError("pruner.importance: taylor needs a calibration batch of (inputs, labels)")
         model.zero_grad()
-        F.cross_entropy(model(calib_batch[0]), calib_batch[1]).backward()
-    pruner.step()
+        with torch.enable_grad():
+            F.cross_entropy(model(calib_batch[0]), calib_batch[1]).backward()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    plans = []  # score every group on the unpruned model first, then cut
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        root, fn = group[0].dep.target.module, group[0].dep.handler
+        if inside is not None and root not in inside:
+            continue
+        scores = _scores(imp, group)
+        if scores is None or int(len(scores) * ratio) == 0:
+            continue
+        order = torch.argsort(scores, descending=True, stable=True)
+        n_keep = len(scores) - int(len(scores) * ratio)
+        plans.append((root, fn, order[n_keep:].sort().values.tolist(), order[:n_keep].sort().values.tolist()))
+    kept = {}
+    for root, fn, drop, keep in plans:
+        group = graph.get_pruning_group(root, fn, drop)
+        if graph.check_pruning_group(group):
+            group.prune()
+            kept[names[root]] = keep
     model.zero_grad(set_to_none=True)
-    return model
+    return kept

@@ -22,7 +22,7 @@ class UniformPruner:
         example = ctx.example()
         for step, ratio in enumerate(ctx.progress(self.ratios, desc="uniform ratios"), start=1):
             child = copy.deepcopy(dense)
-            prune_channels(child, example, ratio, importance_name=self.importance, calib_batch=ctx.calib_batch())
+            prune_channels(child, example, ratio, self.importance, calib_batch=ctx.calib_batch())
             cost = dense_cost.copy()
             ctx.finetune(child, self.finetune_epochs, cost)
             ctx.record(self.method, step, child, cost, extra={"ratio": ratio})

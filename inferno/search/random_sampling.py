@@ -1,0 +1,102 @@
+"""``pruner=random_sampling``: architectures drawn at random from greedy's space, each trained from
+scratch, under the same budget: the baseline the INFERNO thesis compares greedy against.
+
+The space is that of the start model: B' <= B stages, D' <= D blocks (the same in every stage, or per
+stage), and widths for the stem and each stage from ``width_choices`` (fractions of the start model's
+channels). Samples
+are drawn until the training cost reaches ``total_samples``, or ``match.multiple`` times what the
+method named by ``match.method`` spent earlier in the same run (with or without its start model's
+training, ``match.include_start``), or ``max_samples`` samples. Each point's ``train_samples`` is the
+cumulative cost of the search so far (``own_samples``: that sample's own training).
+"""
+
+from __future__ import annotations
+
+import random
+
+from inferno.cost import TrainingCost, count_macs, count_params
+from inferno.errors import ConfigError
+from inferno.search.loop import Budget, SearchLoop, spec_summary
+from inferno.search.moves import rebuild
+
+
+def scale_width(n: int, f: float) -> int:
+    return max(1, round(n * f))
+
+
+def scale_spec(spec: dict, depths: list[int], widths: list[float], stem: float = 1.0) -> dict:
+    """The start spec cut to ``depths`` blocks per stage, every channel count scaled per stage (and the stem's)."""
+    stages = [[{k: scale_width(v, f) for k, v in b.items()} for b in st[:d]] for st, d, f in zip(spec["stages"], depths, widths)]
+    return {"stem": scale_width(spec["stem"], stem), "stages": stages}
+
+
+def sample_arch(rng: random.Random, spec: dict, width_choices, per_stage_depth: bool = False) -> dict:
+    """A random point of greedy's space: B' <= B stages, D' <= D blocks, a width per stage and for the stem."""
+    B, D = len(spec["stages"]), max(len(s) for s in spec["stages"])
+    b = rng.randint(1, B)
+    depths = [rng.randint(1, D) for _ in range(b)] if per_stage_depth else [rng.randint(1, D)] * b
+    return {"depths": [min(d, len(s)) for d, s in zip(depths, spec["stages"])],
+            "widths": [rng.choice(width_choices) for _ in range(b)], "stem": rng.choice(width_choices)}
+
+
+class RandomSampling(SearchLoop):
+    method = "random_sampling"
+
+    def __init__(self, epochs: int = 4, max_samples: int = 20, total_samples: int | None = None,
+                 match: dict | None = None, width_choices=(1.0, 0.75, 0.5), per_stage_depth: bool = False,
+                 max_tries: int = 2000, **kw):
+        super().__init__(**kw)
+        self.epochs, self.max_samples, self.total_samples = epochs, max_samples, total_samples
+        self.match = dict(match or {})
+        self.width_choices, self.per_stage_depth, self.max_tries = list(width_choices), per_stage_depth, max_tries
+
+    def start(self, ctx):
+        start = ctx.net
+        x = ctx.example()
+        figures = {"macs": count_macs(start, x), "params": count_params(start), "latency_ms": float("inf")}
+        limits = self.budget.limits(figures)
+        if "latency_ms" in limits:
+            raise ConfigError("pruner.budget.latency_ms: random_sampling checks budgets before training; use macs or params")
+        total = self.total_samples
+        if self.match.get("method"):
+            ref = ctx.results.get(self.match["method"])
+            if ref is None:
+                raise ConfigError(f"pruner.match.method: {self.match['method']!r} has not run earlier in this run; "
+                                  f"ran: {', '.join(ctx.results) or 'none'}")
+            base = ref["train_samples"] if self.match.get("include_start", True) else ref["search_samples"]
+            total = int(base * float(self.match.get("multiple", 1.0)))
+        state = {"dense_cost": vars(TrainingCost()), "cost": vars(TrainingCost()), "limits": limits,
+                 "start_spec": start.spec(), "total_samples": total, "best_val": None}
+        return state, {}
+
+    def done(self, ctx, state, nets):
+        if state["step"] >= self.max_samples:
+            return True
+        per_sample = self.epochs * ctx.samples_per_epoch()
+        return state["total_samples"] is not None and state["cost"]["samples"] + per_sample > state["total_samples"]
+
+    def sample(self, ctx, state) -> tuple[dict, object]:
+        rng = random.Random(int(ctx.cfg.seed) * 7919 + state["step"])
+        spec = state["start_spec"]
+        x = ctx.example()
+        for _ in range(self.max_tries):
+            arch = sample_arch(rng, spec, self.width_choices, self.per_stage_depth)
+            net = rebuild(ctx.net, scale_spec(spec, **arch))
+            if Budget.fits({"macs": count_macs(net, x), "params": count_params(net)}, state["limits"]):
+                return arch, net
+        raise ConfigError(f"pruner.budget: no architecture within {state['limits']} in {self.max_tries} random draws")
+
+    def step(self, ctx, state, nets):
+        choice, net = self.sample(ctx, state)
+        cost = TrainingCost(**state["cost"])
+        self.seed(ctx, state["step"])  # initialisation depends only on the sample's index
+        net = rebuild(net)
+        p = self.train_and_record(ctx, state, net, self.epochs, cost, ("sample", state["step"]), state["step"] + 1,
+                                  {"phase": "sample", "arch": spec_summary(net), "choice": choice})
+        state["cost"] = vars(cost)
+        if state["best_val"] is None or p.extra["val_value"] > state["best_val"]:
+            state["best_val"] = p.extra["val_value"]
+
+    def finish(self, ctx, state, nets):
+        ctx.results[self.label] = {"train_samples": state["cost"]["samples"], "train_macs": state["cost"]["macs"],
+                                    "samples": state["step"], "best_val": state["best_val"]}
