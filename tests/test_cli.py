@@ -27,7 +27,10 @@ def test_composed_config_has_every_group(compose_cfg):
     cfg = compose_cfg()
     for g in GROUPS:
         assert g in cfg and cfg[g] is not None, g
-    assert (cfg.model.name, cfg.task.name, cfg.pruner.name, cfg.hardware.accelerator) == ("microcnn", "digits", "uniform", "cpu")
+    assert (cfg.model.name, cfg.task.name, cfg.pruner.name, cfg.hardware.accelerator) == (
+        "microcnn", "digits", "greedy_vs_random", "cpu")
+    assert list(k for k, v in cfg.pruner.methods.items() if v) == ["greedy_layerwise", "random_sampling"]
+    assert cfg.pruner.methods.random_sampling.budget == cfg.pruner.budget
     assert cfg.logger.mode == "offline"
     assert cfg.model.in_channels == cfg.task.in_channels == 1
     cfg = compose_cfg("model=resnet20", "task=mnist", "hardware=gpu", "logger=csv", "experiment=smoke")
@@ -62,7 +65,8 @@ def test_help_lists_every_group():
     out = cli("--help").stdout
     for g in GROUPS + ("experiment",):
         assert f"{g}:" in out, g
-    for option in ("microcnn", "resnet20", "digits", "mnist", "uniform", "cpu", "gpu", "ddp", "wandb", "csv", "none"):
+    for option in ("microcnn", "resnet20", "digits", "mnist", "uniform", "greedy_layerwise", "random_sampling",
+                   "supernet", "compare", "greedy_vs_random", "cpu", "gpu", "ddp", "wandb", "csv", "none", "thesis_cnn"):
         assert option in out, option
 
 
@@ -72,7 +76,7 @@ def test_cfg_job_prints_composition():
 
 
 def test_bad_ratio_fails_with_one_line(tmp_path):
-    r = cli("pruner.ratios=[0.5,1.5]", "logger=none", f"hydra.run.dir={tmp_path}")
+    r = cli("pruner=uniform", "pruner.ratios=[0.5,1.5]", "logger=none", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last == "error: pruner.ratios: ratio 1.5 is outside [0, 1)"
@@ -87,22 +91,22 @@ def test_missing_data_file_names_key(tmp_path):
 
 @pytest.mark.slow
 def test_default_experiment_end_to_end(tmp_path):
-    """`python -m inferno` with no arguments (but the run dir): all outputs, W&B offline run included."""
-    r = cli(f"hydra.run.dir={tmp_path}", "hardware.progress_bar=false")
+    """`python -m inferno` with no arguments (but the run dir): greedy vs random sampling on digits,
+    all outputs, the W&B offline run included."""
+    r = cli(f"hydra.run.dir={tmp_path}", "hardware.progress_bar=false", f"paths.state_dir={tmp_path / 'state'}")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_points(tmp_path / "points.csv")
     assert list(rows[0])[: len(COLUMNS)] == list(COLUMNS)
-    cfg = OmegaConf.load(ROOT / "conf/pruner/uniform.yaml")
-    assert [r["method"] for r in rows] == ["dense"] + ["uniform"] * len(cfg.ratios)
-    dense = rows[0]
-    assert float(dense["value"]) > 0.9  # the trained MicroCNN on digits
-    for row, ratio in zip(rows[1:], cfg.ratios):
-        assert float(row["ratio"]) == ratio
-        assert int(row["macs"]) < int(dense["macs"]) and int(row["params"]) < int(dense["params"])
-        # each child cost the dense training plus its own fine-tuning
-        assert int(row["train_samples"]) > int(dense["train_samples"])
+    assert rows[0]["method"] == "dense" and float(rows[0]["value"]) > 0.9  # the trained MicroCNN on digits
+    greedy = [r for r in rows if r["method"] == "greedy_layerwise"]
+    final = next(r for r in greedy if r["phase"] == "final")
+    assert int(final["macs"]) <= 0.5 * int(rows[0]["macs"]) and float(final["value"]) > 0.8
+    rnd = [r for r in rows if r["method"] == "random_sampling"]
+    assert rnd and int(rnd[-1]["train_samples"]) <= int(final["search_samples"])  # matched to greedy's search
+    assert all(int(r["macs"]) <= 0.5 * int(rows[0]["macs"]) for r in rnd)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["best"]) == {"dense", "uniform"} and summary["config"]["model"]["name"] == "microcnn"
+    assert {"dense", "greedy_layerwise", "random_sampling"} <= set(summary["best"])
+    assert summary["config"]["model"]["name"] == "microcnn"
     assert summary["wall_s"] < 300
     assert (tmp_path / "curve.png").stat().st_size > 10_000
     runs = list((tmp_path / "wandb").glob("offline-run-*"))

@@ -119,8 +119,9 @@ class SearchLoop:
 
     def state_dir(self, ctx) -> Path:
         cfg = ctx.cfg
-        key = {"model": cfg.model, "task": cfg.task, "train": cfg.train, "seed": cfg.seed}
-        key = OmegaConf.to_container(OmegaConf.create(key), resolve=True)
+        key = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "train")}
+        key["task"].pop("data_dir", None)  # where the data lies does not change the search
+        key["seed"] = cfg.seed
         key["search"] = json.loads(json.dumps(self.options(), default=str))
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         return Path(cfg.paths.state_dir) / f"{self.label}-{digest}"
