@@ -174,3 +174,28 @@ def test_taylor_importance_runs_through_the_graph():
     kids = children(net, ["narrow"], MoveOptions(X, importance="taylor", calib_batch=batch))
     assert len(kids) == 3 and all(isinstance(k.detail["kept"], dict) for k in kids)
     assert tp is not None
+
+
+def test_budget_fractions_and_absolute_limits():
+    from inferno.errors import ConfigError
+    from inferno.search.loop import Budget
+
+    start = {"macs": 1000.0, "params": 200.0, "latency_ms": 4.0}
+    limits = Budget(macs=0.5, params=150).limits(start)
+    assert limits == {"macs": 500.0, "params": 150}
+    assert Budget.fits({"macs": 500, "params": 150}, limits) and not Budget.fits({"macs": 501, "params": 10}, limits)
+    with pytest.raises(ConfigError, match="pruner.budget.macs"):
+        Budget(macs=-1)
+
+
+def test_efficiency_selection_prefers_accuracy_per_cost_removed():
+    from types import SimpleNamespace
+
+    from inferno.search.greedy import GreedyLayerwise
+
+    g = GreedyLayerwise(budget={"macs": 0.5}, select="efficiency")
+    state = {"start": {"macs": 100}, "current": {"macs": 100, "val": 0.9}}
+    cheap_drop = SimpleNamespace(macs=90, extra={"val_value": 0.89})  # -0.01 for 10 % of MACs: -0.1 per unit
+    big_cut = SimpleNamespace(macs=50, extra={"val_value": 0.87})  # -0.03 for 50 %: -0.06 per unit
+    assert g.score(big_cut, state) > g.score(cheap_drop, state)
+    assert GreedyLayerwise(budget={"macs": 0.5}).score(cheap_drop, state) == 0.89
