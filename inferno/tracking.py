@@ -119,6 +119,7 @@ class Tracker:
         for lg in self.loggers:
             _log_tables(lg, self.points, png)
             lg.finalize("success")
+            _close(lg)
         return summary
 
 
@@ -165,6 +166,15 @@ def plot_curve(rows: list[dict], path: str | Path, x_axes=("macs", "train_sample
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _close(logger) -> None:
+    """End a W&B run: Lightning's finalize leaves it open, and the next run in the same process (a
+    multirun worker) would otherwise write into it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        logger.experiment.finish()
 
 
 def _log_tables(logger, points: list[Point], png: Path) -> None:

@@ -132,3 +132,10 @@ def test_multirun_sweep(tmp_path):
     assert len(points) == 2
     cfgs = [json.loads((p.parent / "summary.json").read_text())["config"]["pruner"]["importance"] for p in points]
     assert sorted(cfgs) == ["l1", "l2"]
+
+
+def test_two_runs_in_one_process_get_two_wandb_runs(compose_cfg, tmp_path):
+    for i in range(2):
+        run(compose_cfg("experiment=smoke", "logger=wandb", "hardware.limit_batches=2"), tmp_path / str(i))
+    for i in range(2):
+        assert len(list((tmp_path / str(i) / "wandb").glob("offline-run-*"))) == 1
