@@ -107,7 +107,6 @@ def test_default_experiment_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"dense", "greedy_layerwise", "random_sampling"} <= set(summary["best"])
     assert summary["config"]["model"]["name"] == "microcnn"
-    assert summary["wall_s"] < 300
     assert (tmp_path / "curve.png").stat().st_size > 10_000
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

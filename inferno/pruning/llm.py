@@ -1,0 +1,247 @@
+"""The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|inferno_task``) and the model
+builders of the ``causal_lm`` model configs.
+
+One class for the five methods: ``method`` selects ``llm_methods.get_method``, every other option
+either says where the calibration comes from (``calibration``, ``nsamples``, ``seqlen``, ``seed``,
+``generate``) or goes to the method (``sparsity``, ``pattern``, ``group``, ``score``, ``base``, ...).
+``run(ctx)``: record the dense point, draw the calibration, prune through the one sequential runner
+(``calibration.prune_model``), write the per-layer sparsity report, record the pruned point, and with
+``save=true`` export the model to ``model/`` in the run directory.
+
+Calibration sources (``pruner.calibration``): ``task`` (the task's own unlabeled inputs, optionally
+extended by ``generate`` tokens the model samples itself), ``wikitext2``, ``shakespeare`` (files of
+``paths.data_dir``), ``random`` (uniform token ids, needs no data) or the path of any text file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inferno.cost import TrainingCost
+from inferno.errors import ConfigError
+from inferno.pruning.calibration import find_linears, get_blocks, get_weight, prune_model
+from inferno.pruning.llm_methods import get_method
+
+SOURCES = {
+    "wikitext2": ("wikitext2_raw", "wiki.test.raw"),
+    "shakespeare": ("tinyshakespeare", "input.txt"),
+}
+CALIBRATIONS = ("task", "random", *SOURCES)
+
+
+# ----------------------------------------------------------------------------------- models
+def torch_device(accelerator: str | None) -> str:
+    """Hardware config's accelerator -> torch device string."""
+    if accelerator in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return {"gpu": "cuda"}.get(str(accelerator), str(accelerator))
+
+
+def _outliers(model: nn.Module, channels, factor: float) -> None:
+    from inferno.models.hf import inject_outliers
+
+    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        raise ConfigError(f"model.outliers: needs a Llama-family model (llama, mistral, qwen2), not {model.config.model_type}")
+    hidden = model.config.hidden_size
+    if channels is None:
+        channels = [hidden // 8, 3 * hidden // 8, 5 * hidden // 8, 7 * hidden // 8]
+    inject_outliers(model, list(channels), float(factor))
+
+
+def load_model(
+    path: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    outliers: bool = False,
+    outlier_channels=None,
+    outlier_factor: float = 50.0,
+    hint: str | None = None,
+) -> nn.Module:
+    """A local Hugging Face causal LM (``trust_remote_code`` off, never downloads), optionally with
+    function-preserving outlier channels (``inject_outliers``)."""
+    from inferno.models.hf import load_causal_lm
+
+    if not path:
+        raise ConfigError("model.path: set model.path=DIR, a local Hugging Face causal-LM folder")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path: no Hugging Face model in {path}" + (f" ({hint})" if hint else ""))
+    model = load_causal_lm(path, dtype=dtype, device=torch_device(device))
+    if outliers:
+        _outliers(model, outlier_channels, outlier_factor)
+    return model
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype: str = "float32", device: str = "cpu", outliers: bool = False,
+               outlier_channels=None, outlier_factor: float = 50.0, **config) -> nn.Module:
+    """A small random model of a family (``models.hf.tiny_causal_lm``), for tests and smoke runs."""
+    from inferno.models.hf import _dtype, tiny_causal_lm
+
+    model = tiny_causal_lm(family, seed=seed, **config)
+    if outliers:
+        _outliers(model, outlier_channels, outlier_factor)
+    return model.to(device=torch_device(device), dtype=_dtype(dtype)).eval()
+
+
+# ----------------------------------------------------------------------------------- sparsity
+def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear inside the decoder blocks (what the runner prunes)."""
+    out = {}
+    for i, block in enumerate(get_blocks(model)):
+        for name, mod in find_linears(block).items():
+            out[f"{i}.{name}"] = mod
+    return out
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of zeros over all prunable linears (the achieved sparsity)."""
+    zeros = total = 0
+    for mod in prunable_linears(model).values():
+        w = get_weight(mod)
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / max(1, total)
+
+
+# ----------------------------------------------------------------------------------- pruner
+class LLMPruner:
+    """One calibration-pruning run of one method (see module docstring)."""
+
+    def __init__(
+        self,
+        method: str,
+        sparsity: float | None = 0.5,
+        pattern: str = "unstructured",
+        calibration: str = "shakespeare",
+        nsamples: int = 32,
+        seqlen: int = 256,
+        seed: int = 0,
+        generate: int = 0,
+        batch_size: int = 8,
+        device: str = "cpu",
+        data_dir: str | None = None,
+        save: bool = False,
+        record_dense: bool = True,
+        progress: bool = False,
+        **options,
+    ):
+        options = {k: v for k, v in options.items() if v is not None}
+        self.method = get_method(method, sparsity=sparsity, pattern=str(pattern), **options)
+        self.name = method
+        for key, v in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"pruner.{key} must be a positive integer, got {v!r}")
+        if not isinstance(generate, int) or generate < 0:
+            raise ConfigError(f"pruner.generate must be an integer >= 0 (new tokens per sample), got {generate!r}")
+        calibration = str(calibration)
+        if calibration not in CALIBRATIONS and not Path(calibration).is_file():
+            raise ConfigError(
+                f"pruner.calibration must be one of {list(CALIBRATIONS)} or a text file, got {calibration!r}"
+            )
+        self.calibration, self.nsamples, self.seqlen, self.seed = calibration, nsamples, seqlen, int(seed)
+        self.generate, self.batch_size, self.device = generate, batch_size, torch_device(device)
+        self.data_dir, self.save, self.record_dense, self.progress = data_dir, bool(save), bool(record_dense), progress
+        self.options = options
+
+    @property
+    def variant(self) -> str:
+        m = self.method
+        if self.name == "inferno_task":
+            return m.score
+        if self.name == "owl":
+            return m.base.name
+        return m.group
+
+    # ------------------------------------------------------------------ calibration
+    def _source_path(self) -> Path:
+        if self.calibration in SOURCES:
+            if not self.data_dir:
+                raise ConfigError(f"pruner.calibration={self.calibration} needs paths.data_dir (set INFERNO_DATA)")
+            return Path(self.data_dir).joinpath(*SOURCES[self.calibration])
+        return Path(self.calibration)
+
+    def calibration_inputs(self, net: nn.Module, task) -> torch.Tensor | None:
+        """(nsamples, seqlen [+ generate]) token ids, or None for methods that need no data."""
+        if not self.method.needs_calibration:
+            return None
+        seqlen = self.seqlen
+        limit = getattr(net.config, "max_position_embeddings", None)
+        if limit and seqlen + self.generate > limit:
+            raise ConfigError(
+                f"pruner.seqlen: {seqlen} + pruner.generate {self.generate} exceeds the model's context of {limit} tokens"
+            )
+        if self.calibration == "task":
+            if not hasattr(task, "calibration_inputs"):
+                raise ConfigError(f"pruner.calibration=task: task {type(task).__name__} has no unlabeled calibration inputs")
+            ids = task.calibration_inputs(self.nsamples, seqlen, self.seed)
+        elif self.calibration == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            ids = torch.randint(0, net.config.vocab_size, (self.nsamples, seqlen), generator=g)
+        else:
+            ids = task.text_windows(self._source_path(), self.nsamples, seqlen, self.seed)
+        if self.generate:
+            ids = self.continue_with_model(net, ids)
+        return ids
+
+    @torch.no_grad()
+    def continue_with_model(self, net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Extend every calibration sample by ``generate`` tokens the model samples itself (top-k 50);
+        the runner then counts every token's activations, prompt and continuation alike."""
+        device = next(net.parameters()).device
+        torch.manual_seed(self.seed)
+        outs = []
+        for chunk in ids.split(self.batch_size):
+            out = net.generate(
+                input_ids=chunk.to(device), attention_mask=torch.ones_like(chunk).to(device),
+                max_new_tokens=self.generate, min_new_tokens=self.generate, do_sample=True, top_k=50,
+                pad_token_id=getattr(net.config, "pad_token_id", None) or 0,
+            )
+            outs.append(out.cpu())
+        return torch.cat(outs)
+
+    # ------------------------------------------------------------------ run
+    def extra(self, ctx, calib_tokens: int) -> dict:
+        out = {
+            "variant": self.variant, "pattern": self.method.pattern, "target_sparsity": round(self.method.sparsity, 6),
+            "calibration": self.calibration if self.method.needs_calibration else "none",
+            "calib_tokens": calib_tokens, "nsamples": self.nsamples, "seqlen": self.seqlen,
+            "generate": self.generate, "calib_seed": self.seed,
+        }
+        if "outliers" in ctx.cfg.model:
+            out["outliers"] = bool(ctx.cfg.model.outliers)
+        return out
+
+    def run(self, ctx) -> None:
+        net, task = ctx.net, ctx.task
+        net.eval()
+        if self.record_dense:
+            ctx.record("dense", 0, net, TrainingCost(), extra=self.extra(ctx, 0) | {"variant": "", "pattern": "",
+                       "target_sparsity": 0.0, "calibration": "none"}, sparsity=zero_fraction(net))
+        t0 = time.time()
+        calib = self.calibration_inputs(net, task)
+        calib_s = time.time() - t0
+        t0 = time.time()
+        report = prune_model(net, self.method, calib, device=self.device, batch_size=self.batch_size, progress=self.progress)
+        prune_s = time.time() - t0
+        achieved = zero_fraction(net)
+        calib_tokens = int(calib.numel()) if calib is not None else 0
+        layers = {"method": self.name, "variant": self.variant, "pattern": self.method.pattern,
+                  "target_sparsity": self.method.sparsity, "achieved_sparsity": achieved, "layers": report}
+        if getattr(self.method, "outlier_ratios", None):
+            layers["owl_outlier_ratios"] = self.method.outlier_ratios
+            layers["owl_layer_sparsity"] = self.method.base.per_layer
+        (ctx.run_dir / "sparsity.json").write_text(json.dumps(layers, indent=2))
+        extra = self.extra(ctx, calib_tokens) | {"calib_s": round(calib_s, 3), "prune_s": round(prune_s, 3),
+                                                 "min_layer_sparsity": round(min(report.values()), 6),
+                                                 "max_layer_sparsity": round(max(report.values()), 6)}
+        ctx.record(self.name, 1, net, TrainingCost(), extra=extra, sparsity=achieved)
+        if self.save:
+            from inferno.models.hf import save_pruned
+
+            tok = getattr(task, "tokenizer", None)
+            tok = tok if hasattr(tok, "save_pretrained") else None
+            save_pruned(net, tok, ctx.run_dir / "model", report)
