@@ -29,7 +29,7 @@ def test_composed_config_has_every_group(compose_cfg):
         assert g in cfg and cfg[g] is not None, g
     assert (cfg.model.name, cfg.task.name, cfg.pruner.name, cfg.hardware.accelerator) == (
         "microcnn", "digits", "greedy_vs_random", "cpu")
-    assert list(k for k, v in cfg.pruner.methods.items() if v) == ["greedy_layerwise", "random_sampling"]
+    assert [k for k, v in cfg.pruner.methods.items() if v] == ["greedy_layerwise", "random_sampling"]
     assert cfg.pruner.methods.random_sampling.budget == cfg.pruner.budget
     assert cfg.logger.mode == "offline"
     assert cfg.model.in_channels == cfg.task.in_channels == 1

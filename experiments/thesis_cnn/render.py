@@ -99,10 +99,10 @@ def render(multirun: Path, out: Path) -> str:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(run / "points.csv", out / f"points_seed{seed}.csv")
     keys = [k for k in dict.fromkeys(k for s in seeds.values() for k in s) if not k.startswith("_")]
-    lines = [f"Seeds: {sorted(seeds)} ({len(seeds)}); mean ± std. Test accuracy on 1k held-out MNIST images "
-             f"(selection on the other 1k). Samples = training examples processed.", "",
-             "| method | final MACs | test acc | train samples (with start) | train samples (search only) "
-             "| train MACs (with start) | train MACs (search only) | n |",
+    lines = [(f"Seeds: {sorted(seeds)} ({len(seeds)}); mean ± std. Test accuracy on 1k held-out MNIST images "
+             f"(selection on the other 1k). Samples = training examples processed."), "",
+             ("| method | final MACs | test acc | train samples (with start) | train samples (search only) "
+             "| train MACs (with start) | train MACs (search only) | n |"),
              "|---|---|---|---|---|---|---|---|"]
     for k in keys:
         vals = [s[k] for s in seeds.values() if k in s]
@@ -110,8 +110,8 @@ def render(multirun: Path, out: Path) -> str:
             f"| {k} | {ms([v['macs'] for v in vals], '{:,.0f}')} | {ms([v['acc'] for v in vals])} "
             f"| {ms([v['samples'] for v in vals], '{:,.0f}')} | {ms([v['search'] for v in vals], '{:,.0f}')} "
             f"| {ms([v['train_macs'] for v in vals], '{:.3g}')} | {ms([v['search_macs'] for v in vals], '{:.3g}')} | {len(vals)} |")
-    lines += ["", "Random sampling's training cost until its selected model (best validation accuracy so far) "
-              "reaches greedy's test accuracy, as a multiple of greedy's cost:", "",
+    lines += ["", ("Random sampling's training cost until its selected model (best validation accuracy so far) "
+              "reaches greedy's test accuracy, as a multiple of greedy's cost:"), "",
               "| seed | greedy search samples | greedy total samples | random samples to reach | ratio vs search | ratio vs total |",
               "|---|---|---|---|---|---|"]
     for seed, s in sorted(seeds.items()):
@@ -156,7 +156,7 @@ def plot(seeds, runs, path):
                   label="random samples" if run == runs[0] else None)
     for i, s in enumerate(seeds.values()):
         for k, v in s.items():
-            if k.startswith("_") or k.startswith("random"):
+            if k.startswith(("_", "random")):
                 continue
             c = colors.get(k, "C3")
             a.scatter(v["search"] or 1, v["acc"], color=c, marker="o", label=k if i == 0 else None)
