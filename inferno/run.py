@@ -37,6 +37,7 @@ class RunContext:
     train: TrainConfig
     run_dir: Path
     results: dict = field(default_factory=dict)  # what each method of the run reports to later ones
+    dense_point: Point | None = None  # the start model's point (its costs are what budgets are relative to)
     _dense: tuple | None = field(default=None, repr=False)
 
     @property
@@ -87,14 +88,14 @@ class RunContext:
             else:
                 self.finetune(net, self.cfg.train.dense_epochs, cost)
             self.save_net(net, "dense")
-            self.record("dense", 0, net, cost)
+            self.dense_point = self.record("dense", 0, net, cost)
             self._dense = (net, cost)
         net, cost = self._dense
         return net, cost.copy()
 
-    def set_dense(self, net: nn.Module, cost: TrainingCost) -> None:
+    def set_dense(self, net: nn.Module, cost: TrainingCost, point: Point) -> None:
         """Adopt an already trained start model (a resumed search's) without recording it again."""
-        self.net, self._dense = net, (net, cost)
+        self.net, self._dense, self.dense_point = net, (net, cost), point
 
     def save_net(self, net: nn.Module, name: str) -> Path:
         """``NAME.safetensors`` (weights) and, for spec'd models, ``NAME.json`` (architecture) in the run dir."""

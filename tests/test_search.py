@@ -1,5 +1,7 @@
 """CNN search: moves, weight transfer, greedy budget, resume, random sampling's cost, the supernet."""
 
+import json
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -166,6 +168,15 @@ def test_compare_matches_random_sampling_to_greedy_cost(compose_cfg, tmp_path):
     assert len(sn) == 1 and int(sn[0]["macs"]) <= 0.5 * int(rows[0]["macs"])
     # supernet's cost = start model + both shrinking phases (1 epoch each) + fine-tuning
     assert int(sn[0]["train_samples"]) == int(rows[0]["train_samples"]) + 3 * 256
+    # every search's budget is relative to the start model, whatever ran before it
+    states = [json.loads(p.read_text())["state"] for p in (tmp_path / "s").glob("*/state.json")]
+    assert len(states) == 3 and all(st["limits"] == {"macs": 0.5 * int(rows[0]["macs"])} for st in states)
+    # the same command again: finished searches are replayed, not rerun; the points are the same
+    run(cfg, tmp_path / "again")
+    again = read_points(tmp_path / "again" / "points.csv")
+    assert [(r["method"], r["step"], r["params"], r["value"], r["train_samples"]) for r in again] == [
+        (r["method"], r["step"], r["params"], r["value"], r["train_samples"]) for r in rows
+    ]
 
 
 def test_taylor_importance_runs_through_the_graph():

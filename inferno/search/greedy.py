@@ -39,7 +39,7 @@ class GreedyLayerwise(SearchLoop):
     def start(self, ctx):
         check_moves(self.moves, ctx.net)
         dense, cost = ctx.dense()
-        p = ctx.tracker.points[-1]
+        p = ctx.dense_point
         figures = {"macs": p.macs, "params": p.params, "latency_ms": p.latency_ms}
         state = {"dense_cost": vars(cost), "cost": vars(cost.copy()), "limits": self.budget.limits(figures),
                  "start": figures, "current": {**figures, "val": p.extra["val_value"], "arch": spec_summary(dense)},

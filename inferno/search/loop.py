@@ -135,10 +135,14 @@ class SearchLoop:
         if self.resume and store.exists():
             state, nets = store.load()
             for row in state["points"]:
-                ctx.tracker.add(Point(**row))
-            if "dense" in nets:
-                ctx.set_dense(nets["dense"], TrainingCost(**state["dense_cost"]))
+                if row["method"] != "dense":
+                    ctx.tracker.add(Point(**row))
+                elif ctx.dense_point is None and "dense" in nets:  # once per run, whichever search has it
+                    ctx.set_dense(nets["dense"], TrainingCost(**state["dense_cost"]), ctx.tracker.add(Point(**row)))
             ctx.log(f"{self.method}: resumed from {store.path} at step {state['step']}")
+            if state.get("finished"):  # nothing left to do: its points are replayed, its results restored
+                ctx.results[self.label] = state["results"]
+                return
         else:
             state, nets = self.start(ctx)
             state.setdefault("step", 0)
@@ -153,6 +157,8 @@ class SearchLoop:
             store.save(state, nets)
             ran += 1
         self.finish(ctx, state, nets)
+        state.update(finished=True, results=ctx.results.get(self.label))
+        store.save(state, nets)
 
     # ---------------------------------------------------------------- shared pieces
     def seed(self, ctx, *where: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -149,11 +150,12 @@ class Supernet(SearchLoop):
         dense, cost = ctx.dense()
         supernet = ElasticMicroCNN(spec=dense.spec(), **dense.config)
         supernet.load_state_dict(dense.state_dict(), strict=False)  # exit heads start fresh
-        p = ctx.tracker.points[-1]
+        p = ctx.dense_point
         limits = self.budget.limits({"macs": p.macs, "params": p.params, "latency_ms": p.latency_ms})
         if "latency_ms" in limits:
             raise ConfigError("pruner.budget.latency_ms: supernet checks budgets before measuring; use macs or params")
-        state = {"dense_cost": vars(cost), "cost": vars(cost.copy()), "limits": limits, "points": [], "chosen": None}
+        state = {"dense_cost": vars(cost), "cost": vars(cost.copy()), "limits": limits, "points": [asdict(p)],
+                 "chosen": None}
         return state, {"dense": dense, "supernet": supernet}
 
     def done(self, ctx, state, nets):
@@ -236,4 +238,4 @@ class Supernet(SearchLoop):
                               {"phase": "final", "arch": spec_summary(net), "choice": state["chosen"],
                                "candidates": state.get("candidates_evaluated")})
         ctx.save_net(net, "supernet_final")
-        ctx.results[self.label] = {"train_samples": cost.samples, "train_macs": cost.macs}
+        ctx.results[self.label] = {"train_samples": cost.samples, "train_macs": cost.macs, "limits": state["limits"]}
