@@ -90,6 +90,7 @@ class GreedyLayerwise(SearchLoop):
                                     "value": ctx.tracker.points[-1].value, "val_value": ctx.tracker.points[-1].extra["val_value"],
                                     "macs": ctx.tracker.points[-1].macs, "limits": state["limits"]}
         if self.scratch_control:
+            self.seed(ctx, "scratch_init")  # its initialisation must not depend on what ran before in the process
             fresh = rebuild(net)
             epochs = self.scratch_epochs or int(ctx.cfg.train.dense_epochs)
             scratch = TrainingCost()

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -163,7 +164,9 @@ class SearchLoop:
     # ---------------------------------------------------------------- shared pieces
     def seed(self, ctx, *where: int) -> None:
         """Seed by position in the search, so a resumed run repeats exactly what an uninterrupted one does."""
-        L.seed_everything(int(ctx.cfg.seed) * 1_000_003 + hash(where) % 1_000_003, workers=True, verbose=False)
+        # crc32, not hash(): str hashes differ from process to process
+        L.seed_everything((int(ctx.cfg.seed) * 1_000_003 + zlib.crc32(repr(where).encode())) % 2**32, workers=True,
+                          verbose=False)
 
     def train_and_record(self, ctx, state: dict, net: nn.Module, epochs: int, cost: TrainingCost, where: tuple,
                          step: int, extra: dict) -> Point:
