@@ -140,3 +140,50 @@ def save_pruned(model: nn.Module, tokenizer, outdir, report: dict) -> Path:
     }
     (out / "pruning_report.json").write_text(json.dumps(summary, indent=2))
     return out
+
+
+# ----------------------------------------------------------------------------------- builders of conf/model
+def torch_device(accelerator: str | None) -> str:
+    """Hardware config's accelerator -> torch device string."""
+    if accelerator in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return {"gpu": "cuda"}.get(str(accelerator), str(accelerator))
+
+
+def _outliers(model: nn.Module, channels, factor: float) -> None:
+    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        raise ConfigError(f"model.outliers: needs a Llama-family model (llama, mistral, qwen2), not {model.config.model_type}")
+    hidden = model.config.hidden_size
+    if channels is None:
+        channels = [hidden // 8, 3 * hidden // 8, 5 * hidden // 8, 7 * hidden // 8]
+    inject_outliers(model, list(channels), float(factor))
+
+
+def load_model(
+    path: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    outliers: bool = False,
+    outlier_channels=None,
+    outlier_factor: float = 50.0,
+    hint: str | None = None,
+) -> nn.Module:
+    """A local Hugging Face causal LM (``trust_remote_code`` off, never downloads), optionally with
+    function-preserving outlier channels (``inject_outliers``)."""
+    if not path:
+        raise ConfigError("model.path: set model.path=DIR, a local Hugging Face causal-LM folder")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path: no Hugging Face model in {path}" + (f" ({hint})" if hint else ""))
+    model = load_causal_lm(path, dtype=dtype, device=torch_device(device))
+    if outliers:
+        _outliers(model, outlier_channels, outlier_factor)
+    return model
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype: str = "float32", device: str = "cpu", outliers: bool = False,
+               outlier_channels=None, outlier_factor: float = 50.0, **config) -> nn.Module:
+    """A small random model of a family (``models.hf.tiny_causal_lm``), for tests and smoke runs."""
+    model = tiny_causal_lm(family, seed=seed, **config)
+    if outliers:
+        _outliers(model, outlier_channels, outlier_factor)
+    return model.to(device=torch_device(device), dtype=_dtype(dtype)).eval()

@@ -1,5 +1,4 @@
-"""The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|inferno_task``) and the model
-builders of the ``causal_lm`` model configs.
+"""The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|inferno_task``).
 
 One class for the five methods: ``method`` selects ``llm_methods.get_method``, every other option
 either says where the calibration comes from (``calibration``, ``nsamples``, ``seqlen``, ``seed``,
@@ -24,6 +23,7 @@ from torch import nn
 
 from inferno.cost import TrainingCost
 from inferno.errors import ConfigError
+from inferno.models.hf import torch_device
 from inferno.pruning.calibration import find_linears, get_blocks, get_weight, prune_model
 from inferno.pruning.llm_methods import get_method
 
@@ -32,59 +32,6 @@ SOURCES = {
     "shakespeare": ("tinyshakespeare", "input.txt"),
 }
 CALIBRATIONS = ("task", "random", *SOURCES)
-
-
-# ----------------------------------------------------------------------------------- models
-def torch_device(accelerator: str | None) -> str:
-    """Hardware config's accelerator -> torch device string."""
-    if accelerator in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return {"gpu": "cuda"}.get(str(accelerator), str(accelerator))
-
-
-def _outliers(model: nn.Module, channels, factor: float) -> None:
-    from inferno.models.hf import inject_outliers
-
-    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
-        raise ConfigError(f"model.outliers: needs a Llama-family model (llama, mistral, qwen2), not {model.config.model_type}")
-    hidden = model.config.hidden_size
-    if channels is None:
-        channels = [hidden // 8, 3 * hidden // 8, 5 * hidden // 8, 7 * hidden // 8]
-    inject_outliers(model, list(channels), float(factor))
-
-
-def load_model(
-    path: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    outliers: bool = False,
-    outlier_channels=None,
-    outlier_factor: float = 50.0,
-    hint: str | None = None,
-) -> nn.Module:
-    """A local Hugging Face causal LM (``trust_remote_code`` off, never downloads), optionally with
-    function-preserving outlier channels (``inject_outliers``)."""
-    from inferno.models.hf import load_causal_lm
-
-    if not path:
-        raise ConfigError("model.path: set model.path=DIR, a local Hugging Face causal-LM folder")
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"model.path: no Hugging Face model in {path}" + (f" ({hint})" if hint else ""))
-    model = load_causal_lm(path, dtype=dtype, device=torch_device(device))
-    if outliers:
-        _outliers(model, outlier_channels, outlier_factor)
-    return model
-
-
-def tiny_model(family: str = "llama", seed: int = 0, dtype: str = "float32", device: str = "cpu", outliers: bool = False,
-               outlier_channels=None, outlier_factor: float = 50.0, **config) -> nn.Module:
-    """A small random model of a family (``models.hf.tiny_causal_lm``), for tests and smoke runs."""
-    from inferno.models.hf import _dtype, tiny_causal_lm
-
-    model = tiny_causal_lm(family, seed=seed, **config)
-    if outliers:
-        _outliers(model, outlier_channels, outlier_factor)
-    return model.to(device=torch_device(device), dtype=_dtype(dtype)).eval()
 
 
 # ----------------------------------------------------------------------------------- sparsity
