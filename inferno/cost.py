@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,9 +19,6 @@ class Cost:
     macs: int
     latency_ms: float
     peak_mem_mb: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def count_params(model: nn.Module) -> int:

@@ -105,10 +105,6 @@ class Trainers:
             num_sanity_val_steps=0, **limits, **self.kw,
         )
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda" if self.kw["accelerator"] in ("gpu", "cuda") else "cpu")
-
     def fit(self, net: nn.Module, task, epochs: float, train: TrainConfig | None = None) -> int:
         """Train ``net`` in place for ``epochs`` on ``task``; returns the number of training examples processed."""
         return self.fit_module(ClassificationModule(net, train, epochs), task, epochs)

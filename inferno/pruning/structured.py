@@ -36,11 +36,6 @@ def check_ratio(ratio: float, key: str = "pruner.ratios") -> float:
     return float(ratio)
 
 
-@torch.no_grad()
-def _scores(imp, group) -> torch.Tensor:
-    return imp(group)
-
-
 def prune_channels(
     model: nn.Module,
     example: torch.Tensor,
@@ -74,7 +69,8 @@ def prune_channels(
         root, fn = group[0].dep.target.module, group[0].dep.handler
         if inside is not None and root not in inside:
             continue
-        scores = _scores(imp, group)
+        with torch.no_grad():
+            scores = imp(group)
         if scores is None or int(len(scores) * ratio) == 0:
             continue
         order = torch.argsort(scores, descending=True, stable=True)

@@ -82,13 +82,13 @@ class GreedyLayerwise(SearchLoop):
     def finish(self, ctx, state, nets):
         net, cost = nets["current"], TrainingCost(**state["cost"])
         last = state["step"] + 1
-        self.train_and_record(ctx, state, net, self.final_epochs, cost, ("final",), last,
-                              {"phase": "final", "arch": spec_summary(net)})
+        final = self.train_and_record(ctx, state, net, self.final_epochs, cost, ("final",), last,
+                                      {"phase": "final", "arch": spec_summary(net)})
         ctx.save_net(net, "greedy_final")
         ctx.results[self.label] = {"train_samples": cost.samples, "train_macs": cost.macs,
                                     "search_samples": cost.samples - state["dense_cost"]["samples"],
-                                    "value": ctx.tracker.points[-1].value, "val_value": ctx.tracker.points[-1].extra["val_value"],
-                                    "macs": ctx.tracker.points[-1].macs, "limits": state["limits"]}
+                                    "value": final.value, "val_value": final.extra["val_value"],
+                                    "macs": final.macs, "limits": state["limits"]}
         if self.scratch_control:
             self.seed(ctx, "scratch_init")  # its initialisation must not depend on what ran before in the process
             fresh = rebuild(net)
