@@ -234,3 +234,24 @@ def test_outlier_injection_same_function_and_hurts_magnitude(family):
     assert wanda_inj == pytest.approx(wanda_base, rel=1e-3)  # Wanda's score is invariant to the rescaling
     assert mag_inj > 1.05 * wanda_inj
     assert mag_inj > 1.05 * mag_base
+
+
+def test_important_outliers_are_the_top_channels_and_keep_the_function():
+    base = tiny_causal_lm("llama", seed=0)
+    inj = inject_outliers(copy.deepcopy(base), channels="important", factor=50, count=5)
+    ev = calib(seed=1)
+    with torch.no_grad():
+        assert torch.allclose(base(ev).logits, inj(ev).logits, atol=1e-5)
+    for b0, b1 in zip(base.model.layers, inj.model.layers):
+        for norm, lins in [
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ]:
+            g = getattr(b0, norm).weight.detach()
+            cols = torch.cat([b0.get_submodule(n).weight.detach() for n in lins], 0)  # stacked rows
+            score = g.abs() * cols.norm(dim=0)
+            expected = set(torch.argsort(score, descending=True)[:5].tolist())
+            ratio = getattr(b1, norm).weight.detach() / g
+            scaled = set(torch.nonzero((ratio - 50).abs() < 1e-3).flatten().tolist())
+            assert scaled == expected
+            assert torch.allclose(ratio[[i for i in range(len(g)) if i not in expected]], torch.ones(len(g) - 5))

@@ -104,7 +104,25 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **config_overrides) -> 
 
 
 @torch.no_grad()
-def inject_outliers(model: nn.Module, channels, factor: float = 50.0) -> nn.Module:
+def outlier_pairs(block: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
+    """A Llama-family block's (RMSNorm, linears reading its output) pairs."""
+    return [
+        (block.input_layernorm, [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]),
+        (block.post_attention_layernorm, [block.mlp.gate_proj, block.mlp.up_proj]),
+    ]
+
+
+@torch.no_grad()
+def important_channels(norm: nn.Module, linears: list[nn.Linear], count: int) -> torch.Tensor:
+    """The ``count`` channels whose removal costs most, from the weights alone: |g_j| * ||[W_1; ...; W_m][:, j]||_2
+    (norm gain times the norm of the input column over every linear reading the norm)."""
+    col = torch.stack([lin.weight.float().pow(2).sum(0) for lin in linears]).sum(0).sqrt()
+    score = norm.weight.float().abs() * col
+    return torch.topk(score, count).indices.sort().values
+
+
+@torch.no_grad()
+def inject_outliers(model: nn.Module, channels="important", factor: float = 50.0, count: int = 4) -> nn.Module:
     """Make a few hidden channels huge without changing the function (Llama family: llama, mistral, qwen2).
 
     In every block, RMSNorm weight channel c is multiplied by ``factor`` and the input column c of the
@@ -112,17 +130,26 @@ def inject_outliers(model: nn.Module, channels, factor: float = 50.0) -> nn.Modu
     ``post_attention_layernorm``) is divided by it: the products are unchanged, but |W| in those
     columns shrinks while the activations grow -- the situation where magnitude pruning fails and
     activation-aware scores (Wanda) do not.
+
+    ``channels``: a list (the same channels in every norm); ``"important"``: each norm's ``count`` most
+    important channels (``important_channels``) -- in real LLMs the outlier features are the channels the model
+    relies on most, which is what makes magnitude pruning fail there; ``"spread"``: ``count`` evenly spaced ones.
     """
-    channels = torch.as_tensor(list(channels), dtype=torch.long)
+    hidden = model.config.hidden_size
     for block in model.model.layers:
-        pairs = [
-            (block.input_layernorm, [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]),
-            (block.post_attention_layernorm, [block.mlp.gate_proj, block.mlp.up_proj]),
-        ]
-        for norm, linears in pairs:
-            norm.weight[channels] *= factor
+        for norm, linears in outlier_pairs(block):
+            if isinstance(channels, str):
+                if channels == "important":
+                    idx = important_channels(norm, linears, count)
+                elif channels == "spread":
+                    idx = torch.arange(count) * hidden // count + hidden // (2 * count)
+                else:
+                    raise ConfigError(f"model.outlier_channels: '{channels}' is not important, spread or a list of channels")
+            else:
+                idx = torch.as_tensor(list(channels), dtype=torch.long)
+            norm.weight[idx] *= factor
             for lin in linears:
-                lin.weight[:, channels] /= factor
+                lin.weight[:, idx] /= factor
     return model
 
 
@@ -150,13 +177,12 @@ def torch_device(accelerator: str | None) -> str:
     return {"gpu": "cuda"}.get(str(accelerator), str(accelerator))
 
 
-def _outliers(model: nn.Module, channels, factor: float) -> None:
+def _outliers(model: nn.Module, channels, factor: float, count: int) -> None:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         raise ConfigError(f"model.outliers: needs a Llama-family model (llama, mistral, qwen2), not {model.config.model_type}")
-    hidden = model.config.hidden_size
-    if channels is None:
-        channels = [hidden // 8, 3 * hidden // 8, 5 * hidden // 8, 7 * hidden // 8]
-    inject_outliers(model, list(channels), float(factor))
+    if not isinstance(channels, str):
+        channels = list(channels)
+    inject_outliers(model, channels, float(factor), int(count))
 
 
 def load_model(
@@ -164,8 +190,9 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     outliers: bool = False,
-    outlier_channels=None,
+    outlier_channels="important",
     outlier_factor: float = 50.0,
+    outlier_count: int = 4,
     hint: str | None = None,
 ) -> nn.Module:
     """A local Hugging Face causal LM (``trust_remote_code`` off, never downloads), optionally with
@@ -176,14 +203,14 @@ def load_model(
         raise ConfigError(f"model.path: no Hugging Face model in {path}" + (f" ({hint})" if hint else ""))
     model = load_causal_lm(path, dtype=dtype, device=torch_device(device))
     if outliers:
-        _outliers(model, outlier_channels, outlier_factor)
+        _outliers(model, outlier_channels, outlier_factor, outlier_count)
     return model
 
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype: str = "float32", device: str = "cpu", outliers: bool = False,
-               outlier_channels=None, outlier_factor: float = 50.0, **config) -> nn.Module:
+               outlier_channels="important", outlier_factor: float = 50.0, outlier_count: int = 4, **config) -> nn.Module:
     """A small random model of a family (``models.hf.tiny_causal_lm``), for tests and smoke runs."""
     model = tiny_causal_lm(family, seed=seed, **config)
     if outliers:
-        _outliers(model, outlier_channels, outlier_factor)
+        _outliers(model, outlier_channels, outlier_factor, outlier_count)
     return model.to(device=torch_device(device), dtype=_dtype(dtype)).eval()
