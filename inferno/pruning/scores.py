@@ -28,7 +28,8 @@ class InputNorms:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
-        self.sq += x.double().pow(2).sum(dim=0).to(self.sq.device)
+        # one fused fp32 reduction per chunk (no squared copy of the activations), accumulated in float64
+        self.sq += torch.linalg.vector_norm(x.float(), dim=0).double().pow(2).to(self.sq.device)
         self.tokens += x.shape[0]
 
     @property
