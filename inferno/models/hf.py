@@ -135,18 +135,18 @@ def inject_outliers(model: nn.Module, channels="important", factor: float = 50.0
     important channels (``important_channels``) -- in real LLMs the outlier features are the channels the model
     relies on most, which is what makes magnitude pruning fail there; ``"spread"``: ``count`` evenly spaced ones.
     """
-    hidden = model.config.hidden_size
+    if channels == "important":
+        pick = lambda norm, linears: important_channels(norm, linears, count)  # noqa: E731
+    elif isinstance(channels, str) and channels != "spread":
+        raise ConfigError(f"model.outlier_channels: '{channels}' is not important, spread or a list of channels")
+    else:
+        hidden = model.config.hidden_size
+        fixed = (torch.arange(count) * hidden // count + hidden // (2 * count) if channels == "spread"
+                 else torch.as_tensor(list(channels), dtype=torch.long))
+        pick = lambda norm, linears: fixed  # noqa: E731
     for block in model.model.layers:
         for norm, linears in outlier_pairs(block):
-            if isinstance(channels, str):
-                if channels == "important":
-                    idx = important_channels(norm, linears, count)
-                elif channels == "spread":
-                    idx = torch.arange(count) * hidden // count + hidden // (2 * count)
-                else:
-                    raise ConfigError(f"model.outlier_channels: '{channels}' is not important, spread or a list of channels")
-            else:
-                idx = torch.as_tensor(list(channels), dtype=torch.long)
+            idx = pick(norm, linears)
             norm.weight[idx] *= factor
             for lin in linears:
                 lin.weight[:, idx] /= factor
@@ -180,8 +180,6 @@ def torch_device(accelerator: str | None) -> str:
 def _outliers(model: nn.Module, channels, factor: float, count: int) -> None:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         raise ConfigError(f"model.outliers: needs a Llama-family model (llama, mistral, qwen2), not {model.config.model_type}")
-    if not isinstance(channels, str):
-        channels = list(channels)
     inject_outliers(model, channels, float(factor), int(count))
 
 
