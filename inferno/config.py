@@ -1,11 +1,16 @@
-"""Config resolvers that ``conf/`` uses; imported before Hydra composes anything."""
+"""Config resolvers that ``conf/`` uses (imported before Hydra composes anything), and ``build``: a group's
+node turned into its object by ``hydra.utils.instantiate``."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from inferno.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -22,3 +27,27 @@ def data_dir() -> str | None:
 
 OmegaConf.register_new_resolver("inferno_data_dir", data_dir, replace=True)
 OmegaConf.register_new_resolver("inferno_root", lambda: str(ROOT), replace=True)
+
+
+# Keys of each group's node that describe it rather than go to its ``_target_``'s constructor.
+META_KEYS = {
+    "model": ("name", "kind", "checkpoint"),
+    "task": ("name", "kind", "metric", "in_channels", "num_classes"),
+    "pruner": ("name", "kinds"),
+}
+
+
+def build(cfg: DictConfig, group: str, **kwargs):
+    """``hydra.utils.instantiate`` on a group's node, without its descriptive keys."""
+    return build_node(cfg[group], group, **kwargs)
+
+
+def build_node(node: DictConfig, group: str, **kwargs):
+    """``build`` for any node of a group's shape (e.g. a pruner nested in ``pruner=compare``)."""
+    try:
+        fields = OmegaConf.to_container(node, resolve=True)  # resolved here, where the root is in reach
+        return instantiate(OmegaConf.create({k: v for k, v in fields.items() if k not in META_KEYS[group]}), **kwargs)
+    except InstantiationException as e:  # keep our one-line message rather than Hydra's wrapper
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise

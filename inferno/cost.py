@@ -56,7 +56,7 @@ def measure_latency_ms(model: nn.Module, example, warmup: int = 3, repeats: int 
     return statistics.median(times)
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """Tracks the bytes held by tensors that ops create, freed when the tensors die; keeps the maximum."""
 
     def __init__(self, resident: list[torch.Tensor]):
@@ -99,7 +99,7 @@ def peak_memory_mb(model: nn.Module, example) -> float:
     inputs = list(example.values()) if isinstance(example, dict) else [example]
     resident = list(model.parameters()) + list(model.buffers()) + [t for t in inputs if isinstance(t, torch.Tensor)]
     static = sum(t.numel() * t.element_size() for t in resident)
-    tracker = _LiveBytes(resident)
+    tracker = LiveBytes(resident)
     with torch.no_grad(), tracker:
         _forward(model, example)
     return (static + tracker.peak) / 2**20

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from inferno.config import build, build_node  # noqa: F401  (re-exported for callers of run)
 from inferno.cost import TrainingCost, count_macs, measure
 from inferno.errors import ConfigError
 from inferno.tracking import Point, Tracker
@@ -151,30 +151,6 @@ def validate(cfg: DictConfig) -> None:
     allowed = cfg.pruner.get("kinds")
     if allowed and cfg.model.kind not in allowed:
         raise ConfigError(f"pruner: {cfg.pruner.name} supports {', '.join(allowed)} models, not {cfg.model.kind}")
-
-
-# Keys of each group's node that describe it rather than go to its ``_target_``'s constructor.
-META_KEYS = {
-    "model": ("name", "kind", "checkpoint"),
-    "task": ("name", "kind", "metric", "in_channels", "num_classes"),
-    "pruner": ("name", "kinds"),
-}
-
-
-def build(cfg: DictConfig, group: str, **kwargs):
-    """``hydra.utils.instantiate`` on a group's node, without its descriptive keys."""
-    return build_node(cfg[group], group, **kwargs)
-
-
-def build_node(node: DictConfig, group: str, **kwargs):
-    """``build`` for any node of a group's shape (e.g. a pruner nested in ``pruner=compare``)."""
-    try:
-        fields = OmegaConf.to_container(node, resolve=True)  # resolved here, where the root is in reach
-        return instantiate(OmegaConf.create({k: v for k, v in fields.items() if k not in META_KEYS[group]}), **kwargs)
-    except InstantiationException as e:  # keep our one-line message rather than Hydra's wrapper
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:

@@ -4,7 +4,7 @@
   2x: statistics, then the pruned block's outputs; target <= 2.5x), and SparseGPT's time;
 * the peak memory of calibrating (Wanda, whole runner) a 2-block and an 8-block model of the same width
   (target: flat). On CPU the peak counts every tensor the runner creates until it is freed (the cost
-  model's ``_LiveBytes`` dispatch tracking), on top of the resident weights; on CUDA it is the allocator's
+  model's ``LiveBytes`` dispatch tracking), on top of the resident weights; on CUDA it is the allocator's
   peak with the model kept on the CPU and one block at a time on the GPU.
 
     python scripts/bench_llm_prune.py                         # Llama hidden 256, FFN 688, 32 x 256 tokens
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from inferno.cost import _LiveBytes
+from inferno.cost import LiveBytes
 from inferno.models.hf import tiny_causal_lm
-from inferno.pruning.calibration import _chunks, prune_model
-from inferno.pruning.llm_methods import get_method
+from inferno.pruning.llm.methods import get_method
+from inferno.pruning.llm.runner import calibration_chunks, prune_model
 
 
 def make_model(a, layers: int):
@@ -43,7 +43,7 @@ def plain_forward(model, calib, device, batch_size, head: bool = True):
     decoder blocks only -- the part the runner runs, so its floor of 2x is measured against this one."""
     model.to(device)
     net = model if head else model.base_model
-    for ids in _chunks(calib, batch_size):
+    for ids in calibration_chunks(calib, batch_size):
         net(input_ids=ids.to(device), use_cache=False)
     model.to("cpu")
 
@@ -72,7 +72,7 @@ def prune_peak_mb(model, calib, device, batch_size) -> tuple[float, float]:
         prune_model(model, method, calib, device=device, batch_size=batch_size, progress=False)
         return weights, (torch.cuda.max_memory_allocated() - base) / 2**20
     resident = list(model.parameters()) + list(model.buffers()) + [calib]
-    tracker = _LiveBytes(resident)
+    tracker = LiveBytes(resident)
     with tracker:
         prune_model(model, method, calib, device=device, batch_size=batch_size, progress=False)
     return weights, tracker.peak / 2**20

@@ -6,8 +6,8 @@ import statistics
 import pytest
 import torch
 
-from inferno.pruning.masks import achieved_sparsity, apportion, keep_mask, parse_pattern
-from inferno.pruning.scores import row_skewness, skewness_row_sparsity
+from inferno.pruning.llm.masks import achieved_sparsity, apportion, keep_mask, parse_pattern
+from inferno.pruning.llm.scores import row_skewness, skewness_row_sparsity
 
 
 def distinct_scores(out=16, cols=64, seed=0):

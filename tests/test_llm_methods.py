@@ -11,8 +11,8 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inferno.models.hf import inject_outliers, tiny_causal_lm
-from inferno.pruning.calibration import prune_model
-from inferno.pruning.llm_methods import METHODS, OWL, get_method
+from inferno.pruning.llm.methods import METHODS, OWL, get_method
+from inferno.pruning.llm.runner import prune_model
 
 
 def calib(n=8, seqlen=32, seed=0):

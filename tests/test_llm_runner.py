@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM
 
 from inferno.models.hf import FAMILIES, load_causal_lm, save_pruned, tiny_causal_lm
-from inferno.pruning.calibration import (
+from inferno.pruning.llm.methods import get_method
+from inferno.pruning.llm.runner import (
     LayerInputs,
     capture_inputs,
     find_linears,
@@ -22,7 +23,6 @@ from inferno.pruning.calibration import (
     prune_model,
     run_layers,
 )
-from inferno.pruning.llm_methods import get_method
 
 
 def calib(n=8, seqlen=32, seed=0):

@@ -9,7 +9,7 @@ from inferno.cost import TrainingCost, count_macs, count_params, measure, peak_m
 from inferno.errors import ConfigError
 from inferno.models.microcnn import MicroCNN
 from inferno.models.resnet20 import ResNet20
-from inferno.pruning.structured import prune_channels
+from inferno.pruning.cnn.surgery import prune_channels
 
 
 def conv_macs(cin, cout, k, hw):

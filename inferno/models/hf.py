@@ -136,14 +136,14 @@ def inject_outliers(model: nn.Module, channels="important", factor: float = 50.0
     relies on most, which is what makes magnitude pruning fail there; ``"spread"``: ``count`` evenly spaced ones.
     """
     if channels == "important":
-        pick = lambda norm, linears: important_channels(norm, linears, count)  # noqa: E731
+        pick = lambda norm, linears: important_channels(norm, linears, count)
     elif isinstance(channels, str) and channels != "spread":
         raise ConfigError(f"model.outlier_channels: '{channels}' is not important, spread or a list of channels")
     else:
         hidden = model.config.hidden_size
         fixed = (torch.arange(count) * hidden // count + hidden // (2 * count) if channels == "spread"
                  else torch.as_tensor(list(channels), dtype=torch.long))
-        pick = lambda norm, linears: fixed  # noqa: E731
+        pick = lambda norm, linears: fixed
     for block in model.model.layers:
         for norm, linears in outlier_pairs(block):
             idx = pick(norm, linears)

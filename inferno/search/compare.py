@@ -14,7 +14,7 @@ class Compare:
         self.methods = methods  # ``budget`` is only the value the methods' configs interpolate
 
     def run(self, ctx) -> None:
-        from inferno.run import build_node
+        from inferno.config import build_node
 
         for key, node in self.methods.items():
             if node is None:  # a method switched off with pruner.methods.KEY=null

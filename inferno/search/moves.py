@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from inferno.errors import ConfigError
-from inferno.pruning.structured import prune_channels
+from inferno.pruning.cnn.surgery import prune_channels
 
 TRANSFERS = ("importance", "leading_slice")
 

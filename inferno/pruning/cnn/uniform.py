@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from inferno.pruning.structured import check_ratio, prune_channels
+from inferno.pruning.cnn.surgery import check_ratio, prune_channels
 
 
 class UniformPruner:

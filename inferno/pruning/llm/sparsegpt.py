@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from inferno.pruning.masks import (
+from inferno.pruning.llm.masks import (
     check_group,
     check_nm_fits,
     check_sparsity,

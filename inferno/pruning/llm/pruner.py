@@ -24,8 +24,8 @@ from torch import nn
 from inferno.cost import TrainingCost
 from inferno.errors import ConfigError
 from inferno.models.hf import torch_device
-from inferno.pruning.calibration import find_linears, get_blocks, get_weight, prune_model
-from inferno.pruning.llm_methods import get_method
+from inferno.pruning.llm.methods import get_method
+from inferno.pruning.llm.runner import find_linears, get_blocks, get_weight, prune_model
 
 SOURCES = {
     "wikitext2": ("wikitext2_raw", "wiki.test.raw"),

@@ -20,9 +20,9 @@ import inspect
 import torch
 
 from inferno.errors import ConfigError
-from inferno.pruning.masks import check_group, check_sparsity, keep_mask, parse_pattern
-from inferno.pruning.scores import InputNorms, magnitude, skewness_row_sparsity, wanda
-from inferno.pruning.sparsegpt import Hessian, sparsegpt_prune
+from inferno.pruning.llm.masks import check_group, check_sparsity, keep_mask, parse_pattern
+from inferno.pruning.llm.scores import InputNorms, magnitude, skewness_row_sparsity, wanda
+from inferno.pruning.llm.sparsegpt import Hessian, sparsegpt_prune
 
 
 class PruningMethod:
@@ -191,7 +191,7 @@ class OWL(PruningMethod):
 
     def prepare(self, model, state, device="cpu", store_device="cpu", progress=True):
         """Dense pass over all blocks measuring outlier ratios, then set the per-layer sparsities."""
-        from inferno.pruning.calibration import get_weight, run_layers
+        from inferno.pruning.llm.runner import get_weight, run_layers
 
         def measure(i, linears, stats):
             scores = [wanda(get_weight(m), stats[n]) for n, m in linears.items()]
@@ -228,7 +228,7 @@ class OWL(PruningMethod):
 
 
 def _blocks(model):
-    from inferno.pruning.calibration import get_blocks
+    from inferno.pruning.llm.runner import get_blocks
 
     return get_blocks(model)
 

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from inferno.pruning.masks import achieved_sparsity
+from inferno.pruning.llm.masks import achieved_sparsity
 
 # model_type -> attribute path of the decoder blocks (a ModuleList)
 BLOCK_PATHS = {
@@ -122,7 +122,7 @@ def _drop_caches(obj):
     return obj
 
 
-def _chunks(calib_inputs, batch_size: int) -> list[torch.Tensor]:
+def calibration_chunks(calib_inputs, batch_size: int) -> list[torch.Tensor]:
     """Calibration token ids as a list of (b, seqlen) LongTensors."""
     if torch.is_tensor(calib_inputs):
         calib_inputs = calib_inputs if calib_inputs.dim() == 2 else calib_inputs.view(1, -1)
@@ -174,7 +174,7 @@ def capture_inputs(
     model.config.use_cache = False
     _move_outside_blocks(model, blocks, device)
     try:
-        for ids in _chunks(calib_inputs, batch_size):
+        for ids in calibration_chunks(calib_inputs, batch_size):
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _Captured:
