@@ -48,7 +48,7 @@ def test_runner_reproduces_the_models_own_block_outputs(family):
     hook.remove()
     state = capture_inputs(model, ids, batch_size=3)  # chunks of 3 + 1
     assert [h.shape[0] for h in state.hidden] == [3, 1]
-    run_layers(model, state, [0], process=lambda i, lin, st: False, progress=False)
+    run_layers(model, state, [0], process=lambda block: False, progress=False)
     assert state.next_layer == 1
     assert torch.allclose(torch.cat(state.hidden), seen[0], atol=1e-5)
 

@@ -1,11 +1,19 @@
 """LLM calibration-pruning methods, chosen by name: ``get_method("wanda", sparsity=0.5)``.
 
-A method is a small object the calibration runner (``calibration.prune_model``) drives:
+A method is a small object the calibration runner (``runner.prune_model``) drives. Two kinds:
 
-* ``needs_calibration`` -- False lets the runner skip the forward passes (magnitude);
-* ``make_stats(in_features, device)`` -- a collector fed each linear's inputs (``.add(x)``);
-* ``prune_weight(weight, stats, layer_index, name)`` -- the pruned (out, in) weight;
-* optional ``prepare(model, state, device=..., ...)`` -- a pass before pruning (OWL's dense measuring pass).
+* **per-linear** (:class:`PruningMethod`): ``prune_weight(weight, stats, layer_index, name)`` returns the
+  pruned (out, in) weight of one linear (masks keep shapes);
+* **block-level** (:class:`BlockMethod`): ``prune_block(block)`` sees a whole decoder block
+  (``runner.Block``: its linears, their statistics, the block's calibration inputs and outputs) and returns
+  a structural decision (``surgery.BlockDecision``: KV groups and MLP neurons to remove) that the one shared
+  surgery applies -- physically smaller linears (``apply="remove"``) or the same rows/columns zeroed
+  (``apply="mask"``).
+
+Both declare ``needs_calibration`` (False lets the runner skip the forward passes: magnitude) and
+``make_stats(in_features, device)``, a collector fed each linear's inputs (``.add(x)``); linears that read
+the same input (q/k/v, gate/up) share one collector unless the method sets ``share_stats = False``.
+Optional ``prepare(model, state, device=..., ...)``: a pass before pruning (OWL's dense measuring pass).
 
 Defaults follow the papers: magnitude compares weights across the whole matrix (``group="layer"``),
 Wanda and INFERNO per output row (``group="row"``), SparseGPT across each 128-column block.
@@ -64,6 +72,32 @@ class PruningMethod:
         return f"{type(self).__name__}(sparsity={self.sparsity}, pattern={self.pattern!r}, group={self.group!r})"
 
 
+class BlockMethod:
+    """Base of block-level methods: ``prune_block(block) -> surgery.BlockDecision | None`` (see module docstring).
+
+    ``apply``: ``"remove"`` (physically smaller linears, fewer heads/neurons) or ``"mask"`` (the same rows and
+    columns zeroed, shapes kept). ``structure`` collects the per-layer sizes the surgery reports."""
+
+    name = "block"
+    needs_calibration = True
+    share_stats = True
+    pattern = "structured"
+    APPLY = ("remove", "mask")
+
+    def __init__(self, sparsity: float = 0.5, apply: str = "remove"):
+        self.sparsity = check_sparsity(sparsity)
+        if apply not in self.APPLY:
+            raise ConfigError(f"pruner.apply must be one of {list(self.APPLY)}, got {apply!r}")
+        self.apply = apply
+        self.structure: dict[int, dict] = {}
+
+    def make_stats(self, in_features: int, device="cpu"):
+        return InputNorms(in_features, device)
+
+    def prune_block(self, block):
+        raise NotImplementedError
+
+
 class Magnitude(PruningMethod):
     """Keep the largest |W| (no data)."""
 
@@ -103,14 +137,8 @@ class SparseGPT(PruningMethod):
 
     def prune_weight(self, weight, stats, layer_index=0, name=None):
         return sparsegpt_prune(
-            weight,
-            stats.H,
-            self.layer_sparsity(layer_index),
-            self.pattern,
-            self.group,
-            self.blocksize,
-            self.percdamp,
-            layer=name,
+            weight, stats.H, self.layer_sparsity(layer_index), self.pattern, self.group, self.blocksize,
+            self.percdamp, layer=name, inverse=stats.inverse(self.percdamp),
         )
 
 
@@ -193,11 +221,11 @@ class OWL(PruningMethod):
         """Dense pass over all blocks measuring outlier ratios, then set the per-layer sparsities."""
         from inferno.pruning.llm.runner import get_weight, run_layers
 
-        def measure(i, linears, stats):
-            scores = [wanda(get_weight(m), stats[n]) for n, m in linears.items()]
+        def measure(b):
+            scores = [wanda(get_weight(m), b.stats[n]) for n, m in b.linears.items()]
             mean = sum(float(s.sum()) for s in scores) / sum(s.numel() for s in scores)
             above = sum(int((s > self.owl_m * mean).sum()) for s in scores)
-            self.outlier_ratios[i] = above / sum(s.numel() for s in scores)
+            self.outlier_ratios[b.index] = above / sum(s.numel() for s in scores)
             return False  # nothing changed: the dense outputs feed the next block
 
         def make_stats(name, mod):

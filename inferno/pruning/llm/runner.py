@@ -188,7 +188,32 @@ def capture_inputs(
 
 # ----------------------------------------------------------------------------------- runner
 StatsFactory = Callable[[str, nn.Module], object]  # (linear name, module) -> collector with .add(x)
-Process = Callable[[int, dict, dict], bool]  # (layer index, linears, stats) -> weights changed?
+
+
+@dataclass
+class Block:
+    """What a method sees of one decoder block while the runner visits it.
+
+    ``stats``: one collector per linear, fed every calibration input the linear read. Linears that read the
+    same tensor (q/k/v after the input norm, gate/up after the post-attention norm, OPT's q/k/v) share ONE
+    collector object -- the statistics of an input are collected once, not once per reader -- and
+    ``shared[name]`` names the first linear that read it (its own name when it shares nothing).
+    ``inputs``: the block's calibration inputs (hidden states and every other forward argument);
+    ``outputs``: the block's outputs on them before ``process`` changes anything (None without data);
+    ``config``: the model's config.
+    """
+
+    index: int
+    module: nn.Module
+    linears: dict[str, nn.Module]
+    stats: dict[str, object]
+    shared: dict[str, str]
+    inputs: LayerInputs | None = None
+    outputs: list[torch.Tensor] | None = None
+    config: object = None  # the model's config (head counts, sizes)
+
+
+Process = Callable[[Block], bool]  # -> weights changed (the block's outputs are then recomputed)
 
 
 @torch.no_grad()
@@ -199,6 +224,47 @@ def _forward_block(block, state: LayerInputs, device, store_device) -> list[torc
         out = out[0] if isinstance(out, (tuple, list)) else out
         outs.append(out.detach().to(store_device))
     return outs
+
+
+class _SharedStats:
+    """Forward hooks that feed each distinct linear input to one collector.
+
+    Readers of one input are found by identity: consecutive linear calls on the very same tensor object
+    (a reference to the last input is held, so its memory cannot be reused by another tensor meanwhile).
+    The grouping is fixed on the first chunk and checked on every later one."""
+
+    def __init__(self, linears: dict[str, nn.Module], make_stats: StatsFactory, share: bool = True):
+        self.linears, self.make_stats, self.share = linears, make_stats, share
+        self.stats: dict[str, object] = {}
+        self.shared: dict[str, str] = {}
+        self._last: tuple[torch.Tensor, str] | None = None
+        self.handles = [mod.register_forward_hook(self._hook(name)) for name, mod in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(mod, inp, out):
+            x = inp[0]
+            same = self.share and self._last is not None and self._last[0] is x
+            owner = self.shared.get(self._last[1]) if same else name
+            if name not in self.shared:
+                self.shared[name] = owner
+                self.stats[name] = self.stats[owner] if owner != name else self.make_stats(name, mod)
+            elif self.shared[name] != owner:
+                raise RuntimeError(f"linear {name!r} read a different input than on the first calibration chunk")
+            if owner == name:
+                self.stats[name].add(x)
+            self._last = (x, name)
+
+        return hook
+
+    def close(self) -> tuple[dict, dict]:
+        for h in self.handles:
+            h.remove()
+        self._last = None
+        for name, mod in self.linears.items():  # never called (e.g. unused): an empty collector of its own
+            if name not in self.stats:
+                self.shared[name] = name
+                self.stats[name] = self.make_stats(name, mod)
+        return self.stats, self.shared
 
 
 @torch.no_grad()
@@ -212,10 +278,12 @@ def run_layers(
     store_device="cpu",
     desc: str = "layers",
     progress: bool = True,
+    share_stats: bool = True,
 ) -> LayerInputs | None:
-    """Visit ``layers`` in order: collect statistics on the calibration inputs, call ``process``, and
-    advance ``state`` to the (pruned) outputs. With ``state=None`` no forward pass is made (for
-    methods that need no data). Layers must continue from ``state.next_layer``."""
+    """Visit ``layers`` in order: collect statistics on the calibration inputs (one collector per distinct
+    input, see :class:`Block`), call ``process(Block)``, and advance ``state`` to the (pruned) outputs. With
+    ``state=None`` no forward pass is made (for methods that need no data). Layers must continue from
+    ``state.next_layer``."""
     blocks = get_blocks(model)
     home = _home(model)
     layers = list(layers)
@@ -225,18 +293,17 @@ def run_layers(
         block = blocks[i].to(device)
         try:
             linears = find_linears(block)
-            stats, hooks = {}, []
-            if state is not None and make_stats is not None:
-                for name, mod in linears.items():
-                    stats[name] = make_stats(name, mod)
-                    hooks.append(mod.register_forward_hook(lambda m, inp, out, s=stats[name]: s.add(inp[0])))
-            try:
-                outs = _forward_block(block, state, device, store_device) if state is not None else None
-            finally:
-                for h in hooks:
-                    h.remove()
-            changed = process(i, linears, stats)
-            del stats
+            stats, shared, outs = {}, {name: name for name in linears}, None
+            if state is not None:
+                hooks = _SharedStats(linears, make_stats, share_stats) if make_stats is not None else None
+                try:
+                    outs = _forward_block(block, state, device, store_device)
+                finally:
+                    if hooks is not None:
+                        stats, shared = hooks.close()
+            view = Block(i, block, linears, stats, shared, state, outs, getattr(model, "config", None))
+            changed = process(view)
+            del stats, view
             if state is not None:
                 if changed:
                     outs = None  # free the stale outputs before recomputing
@@ -257,25 +324,46 @@ def prune_layers(
     progress: bool = True,
 ) -> dict[str, float]:
     """Prune ``layers`` (default: from ``state.next_layer`` to the end) with ``method``; returns
-    {full linear name: achieved sparsity}. ``state`` is advanced in place."""
+    {full linear name: achieved sparsity}. ``state`` is advanced in place.
+
+    A per-linear method (``prune_weight``) gets each linear's weight and statistics; a block-level method
+    (``prune_block``) gets the whole :class:`Block` and returns a structural decision
+    (``surgery.BlockDecision``: KV groups / MLP neurons to remove) that the shared surgery applies --
+    physically (``method.apply == "remove"``) or by zeroing the same rows and columns (``"mask"``); the
+    per-layer sizes it leaves are kept in ``method.structure``."""
     path = blocks_path(model)
     if layers is None:
         start = state.next_layer if state is not None else 0
         layers = range(start, len(get_blocks(model)))
     report: dict[str, float] = {}
 
-    def process(i: int, linears: dict, stats: dict) -> bool:
-        for name, mod in linears.items():
-            full = f"{path}.{i}.{name}"
-            new = method.prune_weight(get_weight(mod), stats.get(name), layer_index=i, name=full)
-            set_weight(mod, new)
-            report[full] = achieved_sparsity(get_weight(mod))
+    def process(b: Block) -> bool:
+        if hasattr(method, "prune_block"):
+            from inferno.pruning.llm import surgery
+
+            decision = method.prune_block(b)
+            if decision is not None:
+                mode = getattr(method, "apply", "remove")
+                if mode == "remove":
+                    sizes = surgery.remove_from_block(b.module, model.config, decision)
+                else:
+                    surgery.mask_block(b.module, model.config, decision)
+                    sizes = {}
+                getattr(method, "structure", {})[b.index] = sizes
+        else:
+            for name, mod in b.linears.items():
+                full = f"{path}.{b.index}.{name}"
+                new = method.prune_weight(get_weight(mod), b.stats.get(name), layer_index=b.index, name=full)
+                set_weight(mod, new)
+        for name, mod in find_linears(b.module).items():  # the block's linears as they are now
+            report[f"{path}.{b.index}.{name}"] = achieved_sparsity(get_weight(mod))
         return True
 
     def make_stats(name: str, mod: nn.Module):
         return method.make_stats(get_weight(mod).shape[1], device)
 
-    run_layers(model, state, layers, process, make_stats, device, store_device, f"prune[{method.name}]", progress)
+    run_layers(model, state, layers, process, make_stats, device, store_device, f"prune[{method.name}]", progress,
+               share_stats=getattr(method, "share_stats", True))
     return report
 
 

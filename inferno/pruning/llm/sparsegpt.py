@@ -29,6 +29,7 @@ class Hessian:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self._inverse = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
@@ -37,6 +38,14 @@ class Hessian:
         self.tokens += t
         x = (2.0 / self.tokens) ** 0.5 * x
         self.H += x.T @ x
+        self._inverse = None
+
+    def inverse(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dead inputs, upper Cholesky factor of the dampened H^-1), computed once per collector: linears
+        that read the same input (q/k/v, gate/up) share the collector and so the factorisation."""
+        if self._inverse is None or self._inverse[0] != percdamp:
+            self._inverse = (percdamp, *dampened_inverse(self.H, percdamp))
+        return self._inverse[1], self._inverse[2]
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -52,6 +61,15 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     raise RuntimeError("SparseGPT: the Hessian is not positive definite even with strong dampening")
 
 
+def dampened_inverse(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dead inputs, upper Cholesky factor of the dampened inverse) of a Hessian; inputs that never fire
+    (zero diagonal) get a unit diagonal -- their weights are zeroed, they do not matter."""
+    H = H.detach().clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    return dead, _inverse_cholesky(H, percdamp)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -62,8 +80,10 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     layer: str | None = None,
+    inverse: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Return the pruned and compensated copy of ``weight`` (out, in); ``H`` is (in, in).
+    ``inverse``: ``dampened_inverse(H, percdamp)`` when the caller has it already (shared by q/k/v).
 
     Unstructured: in each column block, ``group="layer"`` compares saliencies across the whole
     block (the reference behaviour), ``group="row"`` within each row. Block budgets are cumulative
@@ -79,12 +99,9 @@ def sparsegpt_prune(
         check_nm_fits(nm, cols, layer)
         m = nm[1]
         blocksize = max(m, blocksize // m * m)
-    H = H.detach().clone().float().to(W.device)
-
-    dead = torch.diag(H) == 0  # inputs that never fire: their weights do not matter
-    H[dead, dead] = 1
+    dead, Hinv = inverse if inverse is not None else dampened_inverse(H, percdamp)
+    dead, Hinv = dead.to(W.device), Hinv.to(W.device)
     W[:, dead] = 0
-    Hinv = _inverse_cholesky(H, percdamp)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
