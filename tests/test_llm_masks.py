@@ -126,3 +126,22 @@ def test_skewness_allocation_rule_and_mean():
     # and the mask applies it with the layer total exact
     mask = keep_mask(scores, q)
     assert int((~mask).sum()) == round(s * scores.numel())
+
+
+@pytest.mark.parametrize("shape,k,dim", [((7, 50), 20, 1), ((7, 50), 0, 1), ((7, 50), 50, 1), ((7, 50), 123, None), ((1, 9), 4, None)])
+def test_lowest_mask_is_the_stable_sort_prefix(shape, k, dim):
+    """Selection in linear time (kthvalue + ties by position) picks exactly what a stable ascending sort puts
+    first -- checked on scores with many ties."""
+    from inferno.pruning.llm.masks import lowest_mask
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, shape, generator=g).float()  # heavy ties
+    got = lowest_mask(scores, k, dim)
+    if dim is None:
+        ref = torch.zeros(scores.numel(), dtype=torch.bool)
+        ref[torch.argsort(scores.flatten(), stable=True)[:k]] = True
+        ref = ref.view(shape)
+    else:
+        ref = torch.zeros_like(scores, dtype=torch.bool)
+        ref.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
+    assert torch.equal(got, ref)

@@ -95,6 +95,48 @@ def test_sparsegpt_nm_lazy_blocks_equal_one_block():
     assert torch.equal(a != 0, b != 0)
 
 
+def obs_column_by_column(W, X, sparsity, blocksize, nm=None, percdamp=0.01):
+    """SparseGPT's Algorithm 1 written plainly (no lazy batching, no transposes): H = 2 X^T X / n + damping,
+    U = upper Cholesky factor of H^-1; per block of columns, the mask is the (layer-wise) lowest w^2 / U_jj^2
+    of the block (N:M: per row, among each M columns as they are when reached); then each column j in turn:
+    q = w masked, err = (w - q) / U_jj, every later column k -= err * U_jk."""
+    W = W.clone().double()
+    rows, cols = W.shape
+    H = 2 * X.double().T @ X.double() / X.shape[0]
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    for b in range(0, cols, blocksize):
+        e = min(b + blocksize, cols)
+        prune = torch.zeros(rows, e - b, dtype=torch.bool)
+        if nm is None:
+            sal = (W[:, b:e] ** 2 / torch.diag(U)[b:e] ** 2).flatten()
+            n_prune = math.floor(sparsity * rows * e + 0.5) - math.floor(sparsity * rows * b + 0.5)
+            prune.view(-1)[torch.argsort(sal, stable=True)[:n_prune]] = True
+        for j in range(b, e):
+            if nm is not None and (j - b) % nm[1] == 0:
+                n, m = nm
+                sal = W[:, j : j + m] ** 2 / torch.diag(U)[j : j + m] ** 2
+                for r in range(rows):
+                    prune[r, j - b + torch.argsort(sal[r])[: m - n]] = True
+            err = W[:, j] * prune[:, j - b] / U[j, j]
+            W[:, j] = torch.where(prune[:, j - b], torch.zeros_like(W[:, j]), W[:, j])
+            W[:, j + 1 :] -= err.view(-1, 1) * U[j, j + 1 :].view(1, -1)
+    return W.float()
+
+
+@pytest.mark.parametrize("pattern,blocksize", [("unstructured", 16), ("unstructured", 128), ("2:4", 16)])
+def test_sparsegpt_equals_the_papers_column_by_column_loop(pattern, blocksize):
+    """The batched implementation (transposed block, one rank-1 update per column, lazy block updates) gives
+    the weights of the plain algorithm computed here in float64."""
+    W = torch.randn(24, 96, generator=torch.Generator().manual_seed(11))
+    X = correlated_inputs(dim=96)
+    nm = None if pattern == "unstructured" else (2, 4)
+    ref = obs_column_by_column(W, X, 0.5, blocksize, nm)
+    got = prune_single(get_method("sparsegpt", sparsity=None if nm else 0.5, pattern=pattern, blocksize=blocksize), W, X)
+    assert torch.equal(got == 0, ref == 0)
+    assert torch.allclose(got, ref, atol=5e-4, rtol=1e-4), (got - ref).abs().max()
+
+
 @pytest.mark.parametrize("group", ["layer", "row"])
 def test_sparsegpt_exact_sparsity_and_dead_inputs(group):
     W = torch.randn(16, 200, generator=torch.Generator().manual_seed(6))

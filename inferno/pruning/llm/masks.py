@@ -98,20 +98,40 @@ def apportion(fractions: torch.Tensor, n: int, total: int | None = None) -> torc
     return counts
 
 
+def lowest_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+    """True at the ``k`` lowest scores (of the whole tensor, or of each slice along ``dim``), ties broken by
+    position (lower index first) -- the set a stable ascending sort would put first, found in linear time:
+    the k-th smallest value by selection, every score below it, and the first equal ones up to k."""
+    flat = dim is None
+    x = scores.reshape(1, -1) if flat else scores.movedim(dim, -1)
+    n = x.shape[-1]
+    if k <= 0:
+        out = torch.zeros_like(x, dtype=torch.bool)
+    elif k >= n:
+        out = torch.ones_like(x, dtype=torch.bool)
+    else:
+        kth = torch.kthvalue(x, k, dim=-1, keepdim=True).values
+        below = x < kth
+        equal = x == kth
+        need = k - below.sum(dim=-1, keepdim=True)
+        out = below | (equal & (equal.cumsum(dim=-1) <= need))
+    return out.reshape(scores.shape) if flat else out.movedim(-1, dim)
+
+
 def mask_from_row_counts(scores: torch.Tensor, prune_counts: torch.Tensor) -> torch.Tensor:
     """Keep-mask that removes, in row r, the ``prune_counts[r]`` lowest-scored entries."""
+    counts = prune_counts.to(scores.device).view(-1)
+    if counts.numel() and bool((counts == counts[0]).all()):  # one count for every row: selection, no sort
+        return ~lowest_mask(scores, int(counts[0]), dim=1)
     order = torch.argsort(scores, dim=1, stable=True)  # ascending: lowest scores first
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return ranks >= prune_counts.to(scores.device).view(-1, 1)
+    return ranks >= counts.view(-1, 1)
 
 
 def mask_from_layer_count(scores: torch.Tensor, prune_count: int) -> torch.Tensor:
     """Keep-mask that removes the ``prune_count`` lowest-scored entries of the whole matrix."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if prune_count > 0:
-        keep[torch.argsort(scores.flatten(), stable=True)[:prune_count]] = False
-    return keep.view_as(scores)
+    return ~lowest_mask(scores, int(prune_count))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -33,11 +33,10 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
-        t = x.shape[0]
-        self.H *= self.tokens / (self.tokens + t)
-        self.tokens += t
-        x = (2.0 / self.tokens) ** 0.5 * x
-        self.H += x.T @ x
+        n = self.tokens + x.shape[0]
+        # H <- H * old/n + (2/n) x^T x, in one GEMM that accumulates into H (no scaled copy of x, no temporary)
+        self.H.addmm_(x.T, x, beta=self.tokens / n, alpha=2.0 / n)
+        self.tokens = n
         self._inverse = None
 
     def inverse(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,38 +105,37 @@ def sparsegpt_prune(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # the block transposed (columns as contiguous rows): each step reads one row and updates the rows after it
+        W1 = W[:, i1:i2].T.contiguous()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
 
         if nm is None:
-            saliency = W1**2 / d.view(1, -1) ** 2
+            saliency = (W1**2 / d.view(-1, 1) ** 2).T
             if group == "layer":
                 n_prune = round_half_up(s * rows * i2) - round_half_up(s * rows * i1)
                 prune1 = ~mask_from_layer_count(saliency, n_prune)
             else:
                 n_prune = round_half_up(s * i2) - round_half_up(s * i1)
                 prune1 = ~mask_from_row_counts(saliency, torch.full((rows,), n_prune, dtype=torch.long))
+            prune1 = prune1.T.contiguous()
+            scale = prune1.to(W1.dtype) / d.view(-1, 1)  # err_i = w_i * [pruned] / [H^-1]_ii
         else:
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
+            scale = torch.zeros_like(W1)
 
         for i in range(count):
-            w = W1[:, i]
-            if nm is not None and i % nm[1] == 0:
+            if nm is not None and i % nm[1] == 0:  # N:M: choose among the M columns as they are now
                 n, m = nm
-                saliency = W1[:, i : i + m] ** 2 / d[i : i + m].view(1, -1) ** 2
-                drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
-                prune1.scatter_(1, i + drop, True)
-            q = w.clone()
-            q[prune1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+                saliency = W1[i : i + m] ** 2 / d[i : i + m].view(-1, 1) ** 2
+                drop = torch.topk(saliency, m - n, dim=0, largest=False).indices
+                prune1[i : i + m].scatter_(0, drop, True)
+                torch.div(prune1[i : i + m].to(W1.dtype), d[i : i + m].view(-1, 1), out=scale[i : i + m])
+            err = torch.mul(W1[i], scale[i], out=Err1[i])  # (w - q) / d with q = w where kept, 0 where pruned
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)  # spread the error over the later columns
 
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i1:i2] = W1.masked_fill_(prune1, 0).T
+        W[:, i2:].addmm_(Err1.T, Hinv[i1:i2, i2:], alpha=-1)
 
     return W.to(weight.dtype)
