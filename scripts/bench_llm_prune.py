@@ -42,8 +42,8 @@ from inferno.pruning.llm.methods import get_method
 from inferno.pruning.llm.runner import calibration_chunks, capture_inputs, get_blocks, prune_model, run_layers
 
 PRESETS = {  # hidden, ffn, layers, heads, vocab
-    "bench": dict(hidden=256, ffn=688, layers=4, heads=4, vocab=4096),
-    "110m": dict(hidden=1024, ffn=2752, layers=8, heads=16, vocab=4096),  # 110.4 M parameters
+    "bench": {"hidden": 256, "ffn": 688, "layers": 4, "heads": 4, "vocab": 4096},
+    "110m": {"hidden": 1024, "ffn": 2752, "layers": 8, "heads": 16, "vocab": 4096},  # 110.4 M parameters
 }
 
 
