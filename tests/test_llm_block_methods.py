@@ -126,3 +126,27 @@ def test_linears_reading_one_input_share_one_collector(family, groups):
         for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
             assert torch.equal(pa, pb), na
 
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_statistics_pass_stops_at_the_last_linear_without_changing_results(family):
+    """The statistics pass ends each chunk (after the first) at the last linear's input, and the final block is
+    not rerun after pruning; the pruned weights are bit-identical to full passes."""
+    from inferno.pruning.llm.runner import find_linears
+
+    model = tiny_causal_lm(family, seed=0)
+    runs = {}
+    for needs_outputs in (False, True):
+        net = copy.deepcopy(model)
+        last = list(find_linears(get_blocks(net)[0]))[-1]
+        counts = [0, 0]
+        for i, block in enumerate(get_blocks(net)):
+            block.get_submodule(last).register_forward_hook(lambda m, a, o, i=i: counts.__setitem__(i, counts[i] + 1))
+        method = get_method("sparsegpt", sparsity=0.5)
+        method.needs_outputs = needs_outputs
+        prune_model(net, method, calib(n=9), batch_size=3, progress=False)  # 3 chunks
+        runs[needs_outputs] = (net, counts)
+    # block 0: statistics pass (first chunk only, or all 3) + 3 propagation chunks; block 1 (the last): no propagation
+    assert runs[False][1] == [1 + 3, 1] and runs[True][1] == [3 + 3, 3]
+    for (name, p), (_, q) in zip(runs[False][0].named_parameters(), runs[True][0].named_parameters()):
+        assert torch.equal(p, q), name

@@ -81,6 +81,7 @@ class BlockMethod:
     name = "block"
     needs_calibration = True
     share_stats = True
+    needs_outputs = False  # True: ``block.outputs`` holds the block's outputs before pruning
     pattern = "structured"
     APPLY = ("remove", "mask")
 

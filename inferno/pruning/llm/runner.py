@@ -199,7 +199,8 @@ class Block:
     collector object -- the statistics of an input are collected once, not once per reader -- and
     ``shared[name]`` names the first linear that read it (its own name when it shares nothing).
     ``inputs``: the block's calibration inputs (hidden states and every other forward argument);
-    ``outputs``: the block's outputs on them before ``process`` changes anything (None without data);
+    ``outputs``: the block's outputs on them before ``process`` changes anything (None without data, and for
+    methods that do not set ``needs_outputs = True``: the statistics pass then stops at the last linear);
     ``config``: the model's config.
     """
 
@@ -216,43 +217,67 @@ class Block:
 Process = Callable[[Block], bool]  # -> weights changed (the block's outputs are then recomputed)
 
 
+class _StatsDone(Exception):
+    """Raised by the last linear's hook: every statistic of the chunk is in, the rest of the block is not needed."""
+
+
 @torch.no_grad()
-def _forward_block(block, state: LayerInputs, device, store_device) -> list[torch.Tensor]:
+def _forward_block(block, state: LayerInputs, device, store_device, stats: _SharedStats | None = None):
+    """The block on every chunk; its outputs, or None when ``stats`` ends each chunk at the last linear."""
     outs = []
     for h, args, kwargs in zip(state.hidden, state.args, state.kwargs):
-        out = block(h.to(device), *_to(args, device), **_to(kwargs, device))
+        if stats is not None:
+            stats.new_chunk()
+        try:
+            out = block(h.to(device), *_to(args, device), **_to(kwargs, device))
+        except _StatsDone:
+            outs = None
+            continue
         out = out[0] if isinstance(out, (tuple, list)) else out
-        outs.append(out.detach().to(store_device))
+        if outs is not None:
+            outs.append(out.detach().to(store_device))
     return outs
 
 
 class _SharedStats:
-    """Forward hooks that feed each distinct linear input to one collector.
+    """Forward pre-hooks that feed each distinct linear input to one collector.
 
     Readers of one input are found by identity: consecutive linear calls on the very same tensor object
     (a reference to the last input is held, so its memory cannot be reused by another tensor meanwhile).
-    The grouping is fixed on the first chunk and checked on every later one."""
+    The grouping and the call order are fixed on the first chunk and checked on every later one. With
+    ``stop=True`` later chunks end at the last linear's input (``_StatsDone``): what follows it -- the last
+    linear's own matmul and the residual -- feeds no statistic."""
 
-    def __init__(self, linears: dict[str, nn.Module], make_stats: StatsFactory, share: bool = True):
-        self.linears, self.make_stats, self.share = linears, make_stats, share
+    def __init__(self, linears: dict[str, nn.Module], make_stats: StatsFactory, share: bool = True, stop: bool = False):
+        self.linears, self.make_stats, self.share, self.stop = linears, make_stats, share, stop
         self.stats: dict[str, object] = {}
         self.shared: dict[str, str] = {}
+        self.order: list[str] = []  # call order on the first chunk
+        self.chunk = -1
         self._last: tuple[torch.Tensor, str] | None = None
-        self.handles = [mod.register_forward_hook(self._hook(name)) for name, mod in linears.items()]
+        self.handles = [mod.register_forward_pre_hook(self._hook(name), with_kwargs=True) for name, mod in linears.items()]
+
+    def new_chunk(self) -> None:
+        self.chunk += 1
+        self._last = None
 
     def _hook(self, name: str):
-        def hook(mod, inp, out):
-            x = inp[0]
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["input"]
             same = self.share and self._last is not None and self._last[0] is x
             owner = self.shared.get(self._last[1]) if same else name
             if name not in self.shared:
                 self.shared[name] = owner
                 self.stats[name] = self.stats[owner] if owner != name else self.make_stats(name, mod)
+                self.order.append(name)
             elif self.shared[name] != owner:
                 raise RuntimeError(f"linear {name!r} read a different input than on the first calibration chunk")
             if owner == name:
                 self.stats[name].add(x)
             self._last = (x, name)
+            if self.stop and self.chunk > 0 and name == self.order[-1]:
+                self._last = None
+                raise _StatsDone
 
         return hook
 
@@ -279,11 +304,18 @@ def run_layers(
     desc: str = "layers",
     progress: bool = True,
     share_stats: bool = True,
+    outputs: bool = True,
+    last_outputs: bool = True,
 ) -> LayerInputs | None:
     """Visit ``layers`` in order: collect statistics on the calibration inputs (one collector per distinct
     input, see :class:`Block`), call ``process(Block)``, and advance ``state`` to the (pruned) outputs. With
     ``state=None`` no forward pass is made (for methods that need no data). Layers must continue from
-    ``state.next_layer``."""
+    ``state.next_layer``.
+
+    ``outputs=False``: ``process`` will change the block (so its outputs are recomputed after it) and does not
+    read ``Block.outputs``: the statistics pass then ends each chunk at the last linear's input.
+    ``last_outputs=False``: the model's final block is not rerun after ``process`` (nothing reads its outputs;
+    ``state.hidden`` is then left empty)."""
     blocks = get_blocks(model)
     home = _home(model)
     layers = list(layers)
@@ -295,19 +327,20 @@ def run_layers(
             linears = find_linears(block)
             stats, shared, outs = {}, {name: name for name in linears}, None
             if state is not None:
-                hooks = _SharedStats(linears, make_stats, share_stats) if make_stats is not None else None
+                hooks = _SharedStats(linears, make_stats, share_stats, stop=not outputs) if make_stats is not None else None
                 try:
-                    outs = _forward_block(block, state, device, store_device)
+                    outs = _forward_block(block, state, device, store_device, hooks)
                 finally:
                     if hooks is not None:
                         stats, shared = hooks.close()
-            view = Block(i, block, linears, stats, shared, state, outs, getattr(model, "config", None))
-            changed = process(view)
+            view = Block(i, block, linears, stats, shared, state, outs if outputs else None, getattr(model, "config", None))
+            changed = process(view) or not outputs
             del stats, view
             if state is not None:
                 if changed:
                     outs = None  # free the stale outputs before recomputing
-                    outs = _forward_block(block, state, device, store_device)
+                    final = i == len(blocks) - 1 and not last_outputs
+                    outs = [] if final else _forward_block(block, state, device, store_device)
                 state.hidden, state.next_layer = outs, i + 1
         finally:
             blocks[i].to(home)
@@ -322,6 +355,7 @@ def prune_layers(
     device="cpu",
     store_device="cpu",
     progress: bool = True,
+    last_outputs: bool = True,
 ) -> dict[str, float]:
     """Prune ``layers`` (default: from ``state.next_layer`` to the end) with ``method``; returns
     {full linear name: achieved sparsity}. ``state`` is advanced in place.
@@ -363,7 +397,8 @@ def prune_layers(
         return method.make_stats(get_weight(mod).shape[1], device)
 
     run_layers(model, state, layers, process, make_stats, device, store_device, f"prune[{method.name}]", progress,
-               share_stats=getattr(method, "share_stats", True))
+               share_stats=getattr(method, "share_stats", True), outputs=getattr(method, "needs_outputs", False),
+               last_outputs=last_outputs)
     return report
 
 
@@ -391,6 +426,7 @@ def prune_model(
             state = capture_inputs(model, calib_inputs, device, batch_size, store_device)
             if hasattr(method, "prepare"):  # e.g. OWL: a dense measuring pass before pruning
                 method.prepare(model, state.copy(), device=device, store_device=store_device, progress=progress)
-        return prune_layers(model, method, state, None, device, store_device, progress)
+        # nothing reads the final block's pruned outputs: it is not rerun
+        return prune_layers(model, method, state, None, device, store_device, progress, last_outputs=False)
     finally:
         model.train(was_training)
