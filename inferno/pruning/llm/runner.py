@@ -222,10 +222,13 @@ class _StatsDone(Exception):
 
 
 @torch.no_grad()
-def _forward_block(block, state: LayerInputs, device, store_device, stats: _SharedStats | None = None):
-    """The block on every chunk; its outputs, or None when ``stats`` ends each chunk at the last linear."""
+def _forward_block(block, state: LayerInputs, device, store_device, stats: _SharedStats | None = None,
+                   last_use: bool = False):
+    """The block on every chunk; its outputs, or None when ``stats`` ends each chunk at the last linear.
+    ``last_use``: the inputs are not needed after this pass, so each chunk's input is dropped as soon as its
+    output exists (the outputs replace the inputs one by one: one copy of the hidden states, not two)."""
     outs = []
-    for h, args, kwargs in zip(state.hidden, state.args, state.kwargs):
+    for j, (h, args, kwargs) in enumerate(zip(state.hidden, state.args, state.kwargs)):
         if stats is not None:
             stats.new_chunk()
         try:
@@ -236,6 +239,9 @@ def _forward_block(block, state: LayerInputs, device, store_device, stats: _Shar
         out = out[0] if isinstance(out, (tuple, list)) else out
         if outs is not None:
             outs.append(out.detach().to(store_device))
+        if last_use:
+            del h
+            state.hidden[j] = None
     return outs
 
 
@@ -340,7 +346,7 @@ def run_layers(
                 if changed:
                     outs = None  # free the stale outputs before recomputing
                     final = i == len(blocks) - 1 and not last_outputs
-                    outs = [] if final else _forward_block(block, state, device, store_device)
+                    outs = [] if final else _forward_block(block, state, device, store_device, last_use=True)
                 state.hidden, state.next_layer = outs, i + 1
         finally:
             blocks[i].to(home)
