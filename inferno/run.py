@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from inferno.config import build, build_node  # noqa: F401  (re-exported for callers of run)
-from inferno.cost import TrainingCost, count_macs, measure
+from inferno.cost import TrainingCost, count_macs, measure, run_device, to_device
 from inferno.errors import ConfigError
-from inferno.tracking import Point, Tracker
+from inferno.tracking import AXES, Point, Tracker
 from inferno.training import TrainConfig, Trainers
 
 log = logging.getLogger("inferno")
@@ -44,12 +45,18 @@ class RunContext:
     def model_name(self) -> str:
         return self.cfg.model.name
 
+    @property
+    def device(self) -> torch.device:
+        """The run's one device (``hardware.accelerator``): models are measured there, inputs follow them."""
+        return run_device(self.cfg.hardware.accelerator)
+
     def example(self, batch_size: int = 1) -> torch.Tensor:
-        return self.task.example_input(batch_size)
+        """The cost model's input (the task's ``example_input``) on the run's device."""
+        return to_device(self.task.example_input(batch_size), self.device)
 
     def calib_batch(self, n: int = 64):
         x, y = self.task.splits["train"].tensors
-        return x[:n], y[:n]
+        return x[:n].to(self.device), y[:n].to(self.device)
 
     def progress(self, items, desc: str):
         return tqdm(items, desc=desc, disable=not self.cfg.hardware.progress_bar)
@@ -79,7 +86,7 @@ class RunContext:
         if self._dense is None:
             from safetensors.torch import load_file
 
-            net, cost = self.net, TrainingCost()
+            net, cost = self.net.to(self.device), TrainingCost()
             ckpt = self.cfg.model.get("checkpoint")
             if ckpt:
                 if not Path(ckpt).is_file():
@@ -95,6 +102,7 @@ class RunContext:
 
     def set_dense(self, net: nn.Module, cost: TrainingCost, point: Point) -> None:
         """Adopt an already trained start model (a resumed search's) without recording it again."""
+        net.to(self.device)
         self.net, self._dense, self.dense_point = net, (net, cost), point
 
     def save_net(self, net: nn.Module, name: str) -> Path:
@@ -113,15 +121,20 @@ class RunContext:
     def record(
         self, method: str, step: int, net: nn.Module, cost: TrainingCost, extra: dict | None = None,
         sparsity: float | None = None, scores: dict[str, float] | None = None,
+        prunable: Iterable[nn.Module] | None = None, density: float | None = None,
     ) -> Point:
-        """Measure ``net`` (cost model, then the task's metrics) and add its point.
+        """Move ``net`` to the run's device, measure it (cost model, then the task's metrics), add its point.
 
         ``value`` is the task's primary metric on the test split; its other metrics become extra columns,
         and the primary metric on the validation split ``val_value`` where the task has one. ``sparsity``
         defaults to the fraction of the dense model's parameters removed (structured pruning); unstructured
-        methods pass the fraction of zeros. ``scores`` skips the evaluation when the caller has it."""
+        methods pass the fraction of zeros. ``scores`` skips the evaluation when the caller has it.
+        ``density`` (non-zero fraction of the weights) is over ``prunable``'s weights (default: every
+        linear / convolution of ``net``) unless given; the ``device`` column says where ``net`` ran."""
         hw = self.cfg.hardware
-        c = measure(net, self.example(), latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats)
+        net.to(self.device)
+        c = measure(net, self.example(), latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats,
+                    prunable=prunable)
         if sparsity is None:
             base = sum(p.numel() for p in self._dense[0].parameters()) if self._dense else c.params
             sparsity = 1.0 - c.params / base
@@ -131,12 +144,14 @@ class RunContext:
         if getattr(self.task, "has_val", False) and "val_value" not in extra:
             extra["val_value"] = self.evaluate(net, "val")[metric]
         extra.update({k: v for k, v in scores.items() if k != metric})
+        extra.setdefault("device", c.device)
         point = Point(
             method=method, step=step, model=self.model_name, task=self.cfg.task.name,
             sparsity=round(float(sparsity), 6), params=c.params, macs=c.macs,
             latency_ms=round(c.latency_ms, 4), peak_mem_mb=round(c.peak_mem_mb, 4),
             train_samples=cost.samples, train_macs=cost.macs, metric=metric,
-            value=scores[metric], wall_s=round(self.tracker.elapsed(), 2), extra=extra,
+            value=scores[metric], wall_s=round(self.tracker.elapsed(), 2), effective_macs=c.effective_macs,
+            density=round(c.density if density is None else float(density), 6), extra=extra,
         )
         return self.tracker.add(point)
 
@@ -151,6 +166,20 @@ def validate(cfg: DictConfig) -> None:
     allowed = cfg.pruner.get("kinds")
     if allowed and cfg.model.kind not in allowed:
         raise ConfigError(f"pruner: {cfg.pruner.name} supports {', '.join(allowed)} models, not {cfg.model.kind}")
+    axes = plot_axes(cfg)
+    if not isinstance(axes, list) or not axes or any(a not in AXES for a in axes):
+        raise ConfigError(f"plot.x_axes: {axes!r} must be a non-empty list of point columns from {', '.join(AXES)}")
+    accelerator = cfg.hardware.accelerator
+    if run_device(accelerator).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"hardware.accelerator: {accelerator} needs a CUDA GPU and torch {torch.__version__} sees "
+                          "none; use hardware=cpu")
+
+
+def plot_axes(cfg: DictConfig):
+    """``plot.x_axes``: the cost columns ``curve.png`` plots quality against (one panel each)."""
+    node = cfg.get("plot") or {}
+    axes = node.get("x_axes", ["macs", "train_samples"])
+    return OmegaConf.to_container(axes) if OmegaConf.is_config(axes) else axes
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -178,7 +207,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     task.setup()
     trainers = Trainers(**OmegaConf.to_container(cfg.hardware, resolve=True))
     train = TrainConfig(**{k: v for k, v in OmegaConf.to_container(cfg.train).items() if k in TrainConfig.__dataclass_fields__})
-    tracker = Tracker(run_dir, build_loggers(cfg, run_dir), OmegaConf.to_container(cfg, resolve=True))
+    tracker = Tracker(run_dir, build_loggers(cfg, run_dir), OmegaConf.to_container(cfg, resolve=True),
+                      x_axes=tuple(plot_axes(cfg)))
     ctx = RunContext(cfg=cfg, net=net, task=task, trainers=trainers, tracker=tracker, train=train, run_dir=run_dir)
     pruner.run(ctx)
     best = tracker.best().get(cfg.pruner.name) or tracker.best().get("dense")

@@ -16,13 +16,20 @@ COLUMNS = (
     "method", "step", "model", "task", "sparsity", "params", "macs", "latency_ms", "peak_mem_mb",
     "train_samples", "train_macs", "metric", "value", "wall_s",
 )
+# Cost columns every point has too, right after the contract ones: MACs of the non-zero weights only, and the
+# non-zero fraction of the prunable weights (see inferno.cost).
+COST_COLUMNS = ("effective_macs", "density")
+# Columns ``curve.png`` can plot quality against (``plot.x_axes``).
+AXES = ("macs", "effective_macs", "params", "latency_ms", "peak_mem_mb", "train_samples", "train_macs", "sparsity",
+        "density", "wall_s")
 HIGHER_IS_BETTER = {"accuracy": True, "acc": True, "acc_norm": True, "perplexity": False, "task_nll": False, "loss": False}
 
 
 @dataclass
 class Point:
-    """One evaluated model. The contract columns first; ``extra`` holds method-specific columns
-    (e.g. ``val_value``, ``arch``, ``seed``) that go into the CSV after them."""
+    """One evaluated model. The contract columns first, then ``COST_COLUMNS`` (None in points saved before
+    they existed); ``extra`` holds method-specific columns (e.g. ``val_value``, ``arch``, ``device``) that go
+    into the CSV after them."""
 
     method: str
     step: int
@@ -38,6 +45,8 @@ class Point:
     metric: str
     value: float
     wall_s: float
+    effective_macs: int | None = None
+    density: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
@@ -87,7 +96,7 @@ class Tracker:
 
     def _rewrite(self, new_keys: list[str]) -> None:
         """A point with a new extra column: rewrite the file with the union of columns."""
-        names = list(self._fieldnames or COLUMNS)
+        names = list(self._fieldnames or COLUMNS + COST_COLUMNS)
         names += [k for k in new_keys if k not in names]
         self._fieldnames = names
         with open(self.csv_path, "w", newline="") as f:
@@ -117,7 +126,7 @@ class Tracker:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         png = plot_curve([p.row() for p in self.points], self.run_dir / "curve.png", self.x_axes)
         for lg in self.loggers:
-            _log_tables(lg, self.points, png)
+            _log_tables(lg, self.points, png, self.x_axes)
             lg.finalize("success")
             _close(lg)
         return summary
@@ -135,8 +144,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _number(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def plot_curve(rows: list[dict], path: str | Path, x_axes=("macs", "train_samples")) -> Path:
-    """Quality against each cost axis (one panel per axis, one line per method, log-x)."""
+    """Quality against each cost axis (one panel per axis, one line per method, log-x); points without a
+    value on an axis are left out of that panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,14 +167,16 @@ def plot_curve(rows: list[dict], path: str | Path, x_axes=("macs", "train_sample
             methods = dict.fromkeys(r["method"] for r in rows if r["metric"] == metric)
             for method in methods:
                 pts = sorted(
-                    ((float(r[x]), float(r["value"])) for r in rows if r["method"] == method and r["metric"] == metric),
+                    ((_number(r.get(x)), float(r["value"])) for r in rows if r["method"] == method and r["metric"] == metric
+                     and _number(r.get(x)) is not None),
                     key=lambda t: t[0],
                 )
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, marker="o", label=method)
-            if any(float(r[x]) > 0 for r in rows):
-                ax.set_xscale("symlog" if any(float(r[x]) == 0 for r in rows) else "log")
+            values = [v for r in rows if (v := _number(r.get(x))) is not None]
+            if any(v > 0 for v in values):
+                ax.set_xscale("symlog" if any(v == 0 for v in values) else "log")
             ax.set_xlabel(x)
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
@@ -177,8 +196,8 @@ def _close(logger) -> None:
         logger.experiment.finish()
 
 
-def _log_tables(logger, points: list[Point], png: Path) -> None:
-    """W&B gets a table of all points, a quality-vs-MACs plot per method, and the rendered curve."""
+def _log_tables(logger, points: list[Point], png: Path, x_axes=("macs",)) -> None:
+    """W&B gets a table of all points, a quality-vs-cost plot per method and axis, and the rendered curve."""
     from lightning.pytorch.loggers import WandbLogger
 
     if not isinstance(logger, WandbLogger) or not points:
@@ -186,13 +205,15 @@ def _log_tables(logger, points: list[Point], png: Path) -> None:
     import wandb
 
     rows = [p.row() for p in points]
-    cols = list(COLUMNS)
+    cols = list(COLUMNS + COST_COLUMNS)
     table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
     payload: dict[str, Any] = {"points": table, "curve": wandb.Image(str(png))}
     for method in dict.fromkeys(r["method"] for r in rows):
         for metric in dict.fromkeys(r["metric"] for r in rows if r["method"] == method):
-            sub = [[r["macs"], r["value"]] for r in rows if r["method"] == method and r["metric"] == metric]
-            t = wandb.Table(columns=["macs", metric], data=sub)
-            payload[f"plots/{method}_{metric}_vs_macs"] = wandb.plot.line(t, "macs", metric, title=f"{method}: {metric} vs MACs")
+            for x in x_axes:
+                sub = [[r[x], r["value"]] for r in rows if r["method"] == method and r["metric"] == metric
+                       and _number(r.get(x)) is not None]
+                t = wandb.Table(columns=[x, metric], data=sub)
+                payload[f"plots/{method}_{metric}_vs_{x}"] = wandb.plot.line(t, x, metric, title=f"{method}: {metric} vs {x}")
     logger.experiment.log(payload)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferno.cost import run_device
+
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -77,11 +79,15 @@ class ClassificationModule(L.LightningModule):
 
 
 class Trainers:
-    """Builds Lightning Trainers from the ``hardware`` config; one per fit, as each child is a new model."""
+    """Builds Lightning Trainers from the ``hardware`` config; one per fit, as each child is a new model.
+
+    Lightning moves a model to the accelerator for a fit or an evaluation and back to the CPU at its end;
+    ``fit``/``evaluate`` put it back on the run's ``device``, where it stays."""
 
     def __init__(self, accelerator="cpu", devices=1, precision="32-true", strategy="auto", progress_bar=True,
                  deterministic=False, fast_dev_run=False, limit_batches=None, **_ignored):
         self.kw = {"accelerator": accelerator, "devices": devices, "precision": precision, "strategy": strategy}
+        self.device = run_device(accelerator)
         self.progress_bar, self.deterministic = progress_bar, deterministic
         self.fast_dev_run, self.limit_batches = fast_dev_run, limit_batches
 
@@ -111,11 +117,10 @@ class Trainers:
 
     def fit_module(self, module: ClassificationModule, task, epochs: float) -> int:
         """Fit any ClassificationModule (e.g. a supernet's) on ``task``'s training split; examples processed."""
-        if epochs <= 0:
-            return 0
-        module.net.train()
-        self.make(epochs).fit(module, train_dataloaders=task.train_dataloader())
-        module.net.cpu()
+        if epochs > 0:
+            module.net.train()
+            self.make(epochs).fit(module, train_dataloaders=task.train_dataloader())
+        module.net.to(self.device)
         return module.samples_seen
 
     def evaluate(self, net: nn.Module, task, split: str = "test") -> float:
@@ -125,5 +130,5 @@ class Trainers:
         loader = task.val_dataloader() if split == "val" else task.test_dataloader()
         fn = trainer.validate if split == "val" else trainer.test
         res = fn(module, dataloaders=loader, verbose=False)[0]
-        net.cpu()
+        net.to(self.device)
         return float(res[f"{split}_accuracy"])

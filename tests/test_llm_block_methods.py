@@ -141,7 +141,7 @@ def test_statistics_pass_stops_at_the_last_linear_without_changing_results(famil
         last = list(find_linears(get_blocks(net)[0]))[-1]
         counts = [0, 0]
         for i, block in enumerate(get_blocks(net)):
-            block.get_submodule(last).register_forward_hook(lambda m, a, o, i=i: counts.__setitem__(i, counts[i] + 1))
+            block.get_submodule(last).register_forward_hook(lambda m, a, o, i=i, c=counts: c.__setitem__(i, c[i] + 1))
         method = get_method("sparsegpt", sparsity=0.5)
         method.needs_outputs = needs_outputs
         prune_model(net, method, calib(n=9), batch_size=3, progress=False)  # 3 chunks

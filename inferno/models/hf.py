@@ -171,10 +171,10 @@ def save_pruned(model: nn.Module, tokenizer, outdir, report: dict) -> Path:
 
 # ----------------------------------------------------------------------------------- builders of conf/model
 def torch_device(accelerator: str | None) -> str:
-    """Hardware config's accelerator -> torch device string."""
-    if accelerator in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return {"gpu": "cuda"}.get(str(accelerator), str(accelerator))
+    """Hardware config's accelerator -> torch device string (``cost.run_device``)."""
+    from inferno.cost import run_device
+
+    return str(run_device(accelerator))
 
 
 def _outliers(model: nn.Module, channels, factor: float, count: int) -> None:

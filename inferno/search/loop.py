@@ -135,6 +135,7 @@ class SearchLoop:
         store = StateStore(self.state_dir(ctx))
         if self.resume and store.exists():
             state, nets = store.load()
+            nets = {k: v.to(ctx.device) for k, v in nets.items()}  # saved on the CPU; the run's nets live on its device
             for row in state["points"]:
                 if row["method"] != "dense":
                     ctx.tracker.add(Point(**row))

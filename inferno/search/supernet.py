@@ -223,11 +223,11 @@ class Supernet(SearchLoop):
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
-        net.train()
+        net.to(ctx.device).train()
         for i, (x, _) in enumerate(ctx.task.train_dataloader()):
             if i >= self.recalibration_batches:
                 break
-            net(x)
+            net(x.to(ctx.device))
         for m in bns:
             m.momentum = 0.1
         return net.eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inferno.cost import TrainingCost
+from inferno.cost import TrainingCost, measure_sparse_latency
 from inferno.errors import ConfigError
 from inferno.models.hf import torch_device
 from inferno.pruning.llm.methods import get_method
@@ -165,9 +165,10 @@ class LLMPruner:
     def run(self, ctx) -> None:
         net, task = ctx.net, ctx.task
         net.eval()
+        prunable = list(prunable_linears(net).values())  # density is over these (what the runner prunes)
         if self.record_dense:
             ctx.record("dense", 0, net, TrainingCost(), extra=self.extra(ctx, 0) | {"variant": "", "pattern": "",
-                       "target_sparsity": 0.0, "calibration": "none"}, sparsity=zero_fraction(net))
+                       "target_sparsity": 0.0, "calibration": "none"}, sparsity=zero_fraction(net), prunable=prunable)
         t0 = time.time()
         calib = self.calibration_inputs(net, task)
         calib_s = time.time() - t0
@@ -185,7 +186,15 @@ class LLMPruner:
         extra = self.extra(ctx, calib_tokens) | {"calib_s": round(calib_s, 3), "prune_s": round(prune_s, 3),
                                                  "min_layer_sparsity": round(min(report.values()), 6),
                                                  "max_layer_sparsity": round(max(report.values()), 6)}
-        ctx.record(self.name, 1, net, TrainingCost(), extra=extra, sparsity=achieved)
+        if ":" in str(self.method.pattern):  # N:M: also time the 2:4 sparse kernels where they run
+            hw = ctx.cfg.hardware
+            sp = measure_sparse_latency(net, ctx.example(), prunable, repeats=hw.latency_repeats)
+            if sp.ms is None:
+                ctx.log(f"{self.name}: latency_ms_sparse not measured: {sp.note}")
+            extra |= {"latency_ms_sparse": None if sp.ms is None else round(sp.ms, 4),
+                      "latency_ms_sparse_dense": None if sp.dense_ms is None else round(sp.dense_ms, 4),
+                      "latency_sparse_note": sp.note}
+        ctx.record(self.name, 1, net, TrainingCost(), extra=extra, sparsity=achieved, prunable=prunable)
         if self.save:
             from inferno.models.hf import save_pruned
 
