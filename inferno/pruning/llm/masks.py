@@ -114,7 +114,10 @@ def lowest_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.T
         below = x < kth
         equal = x == kth
         need = k - below.sum(dim=-1, keepdim=True)
-        out = below | (equal & (equal.cumsum(dim=-1) <= need))
+        if bool((equal.sum(dim=-1, keepdim=True) == need).all()):  # no tie to break (the usual float case)
+            out = below | equal
+        else:
+            out = below | (equal & (equal.cumsum(dim=-1) <= need))
     return out.reshape(scores.shape) if flat else out.movedim(-1, dim)
 
 
