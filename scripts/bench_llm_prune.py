@@ -106,29 +106,22 @@ def prune_peak_mb(model, calib, device, batch_size) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------- one process per run
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def maxrss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(a) -> None:
     """``--worker``: prune the saved model once with the project's runner and write the figures the peer's script
-    writes (wall time of the pruning call alone, peak resident memory, the resident size once loaded)."""
+    writes, measured the same way (wall time of the pruning call alone; the resident size once the model is in
+    ordinary memory, then the peak resident size from there)."""
     from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from peer_llmcompressor import materialize, maxrss_mb, reset_peak_rss, rss_mb  # the peer's own measurement
 
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    materialize(model)  # weights in ordinary memory, not a lazily paged file mapping
     ids = torch.load(a.calib)
     method = get_method(a.method, sparsity=0.5)
+    if not reset_peak_rss():  # the peak from here on belongs to pruning, not to loading
+        raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs)")
     loaded = rss_mb()
     t0 = time.perf_counter()
     prune_model(model, method, ids, device="cpu", batch_size=a.batch_size, progress=False)
@@ -178,7 +171,8 @@ def side_by_side(a, model, calib) -> None:
         p, q = runs["project"], runs["peer"]
         print(f"  {method}: project / llm-compressor time = {min(r['seconds'] for r in p) / min(r['seconds'] for r in q):.2f}x "
               f"(best), {statistics.median(r['seconds'] for r in p) / statistics.median(r['seconds'] for r in q):.2f}x "
-              f"(median); peak RSS = {min(r['peak_rss_mb'] for r in p) / min(r['peak_rss_mb'] for r in q):.2f}x")
+              f"(median); peak RSS = {min(r['peak_rss_mb'] for r in p) / min(r['peak_rss_mb'] for r in q):.2f}x, "
+              f"peak above the loaded model = {min(r['peak_rss_mb'] - r['rss_loaded_mb'] for r in p) / min(r['peak_rss_mb'] - r['rss_loaded_mb'] for r in q):.2f}x")
     print(f"  (project calibration chunks of {a.batch_size}, llm-compressor batch size {a.peer_batch_size}, its default)")
 
 
