@@ -118,7 +118,7 @@ def worker(a) -> None:
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     materialize(model)  # weights in ordinary memory, not a lazily paged file mapping
-    ids = torch.load(a.calib)
+    ids = torch.load(a.calib, weights_only=True)
     method = get_method(a.method, sparsity=0.5)
     if not reset_peak_rss():  # the peak from here on belongs to pruning, not to loading
         raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs)")
