@@ -58,23 +58,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process, MB."""
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MB."""
+    return _status_mb("VmRSS")
 
 
 def maxrss_mb() -> float:
     """Peak resident set of this process (VmHWM, MB). Not ``getrusage``'s ru_maxrss: Linux keeps a parent's
     ru_maxrss across fork + exec, so a child started by a big benchmark process would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmHWM")
 
 
 def reset_peak_rss() -> bool:
@@ -179,7 +180,7 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
 
     if a.calib:
-        ids = torch.load(a.calib)
+        ids = torch.load(a.calib, weights_only=True)
         if ids.shape != (a.nsamples, a.seqlen):
             sys.exit(f"--calib has shape {tuple(ids.shape)}, expected ({a.nsamples}, {a.seqlen})")
     else:
