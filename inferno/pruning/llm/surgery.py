@@ -110,14 +110,12 @@ class Coupled:
 
 
 # ----------------------------------------------------------------------------------- family adapters
-class _Llama:
-    """Llama, Mistral, Qwen2: q/k/v/o_proj (GQA), gate/up/down_proj."""
+class _Family:
+    """What the families share: ``attn.head_dim``; KV heads from ``k_proj``'s rows; one query head per KV head;
+    zero-size MLP linears run (the MLP then returns its output bias). Each family adds ``parts``, ``neurons``,
+    ``slices`` and the attributes its forward reads (``update``)."""
 
-    empty_mlp = True  # zero-size nn.Linear layers run (the MLP then returns its output bias)
-
-    @staticmethod
-    def parts(block):
-        return block.self_attn, block.mlp
+    empty_mlp = True
 
     @staticmethod
     def head_dim(attn):
@@ -126,6 +124,18 @@ class _Llama:
     @staticmethod
     def kv_heads(attn):
         return get_weight(attn.k_proj).shape[0] // attn.head_dim
+
+    @staticmethod
+    def group(attn):
+        return 1
+
+
+class _Llama(_Family):
+    """Llama, Mistral, Qwen2: q/k/v/o_proj (GQA), gate/up/down_proj."""
+
+    @staticmethod
+    def parts(block):
+        return block.self_attn, block.mlp
 
     @staticmethod
     def group(attn):
@@ -147,26 +157,12 @@ class _Llama:
         mlp.intermediate_size = n_neurons  # not read by the forward; kept truthful
 
 
-class _OPT:
+class _OPT(_Family):
     """OPT: q/k/v/out_proj (multi-head), fc1/fc2 directly in the decoder layer."""
-
-    empty_mlp = True
 
     @staticmethod
     def parts(block):
         return block.self_attn, block
-
-    @staticmethod
-    def head_dim(attn):
-        return attn.head_dim
-
-    @staticmethod
-    def kv_heads(attn):
-        return get_weight(attn.k_proj).shape[0] // attn.head_dim
-
-    @staticmethod
-    def group(attn):
-        return 1
 
     @staticmethod
     def neurons(mlp):
@@ -184,7 +180,7 @@ class _OPT:
         attn.num_heads = n_kv  # forward: view(bsz, -1, self.num_heads, self.head_dim)
 
 
-class _GPT2:
+class _GPT2(_Family):
     """GPT-2: fused c_attn (Conv1D, q|k|v along the output features), c_proj; MLP c_fc/c_proj."""
 
     empty_mlp = False  # Conv1D.forward does x.view(-1, 0): a zero-size input cannot be reshaped
@@ -194,16 +190,8 @@ class _GPT2:
         return block.attn, block.mlp
 
     @staticmethod
-    def head_dim(attn):
-        return attn.head_dim
-
-    @staticmethod
     def kv_heads(attn):
         return get_weight(attn.c_attn).shape[0] // 3 // attn.head_dim
-
-    @staticmethod
-    def group(attn):
-        return 1
 
     @staticmethod
     def neurons(mlp):
