@@ -1,10 +1,10 @@
 """The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|inferno_task``).
 
-One class for the five methods: ``method`` selects ``llm_methods.get_method``, every other option
+One class for the five methods: ``method`` selects ``methods.get_method``, every other option
 either says where the calibration comes from (``calibration``, ``nsamples``, ``seqlen``, ``seed``,
 ``generate``) or goes to the method (``sparsity``, ``pattern``, ``group``, ``score``, ``base``, ...).
 ``run(ctx)``: record the dense point, draw the calibration, prune through the one sequential runner
-(``calibration.prune_model``), write the per-layer sparsity report, record the pruned point, and with
+(``runner.prune_model``), write the per-layer sparsity report, record the pruned point, and with
 ``save=true`` export the model to ``model/`` in the run directory.
 
 Calibration sources (``pruner.calibration``): ``task`` (the task's own unlabeled inputs, optionally
@@ -165,10 +165,10 @@ class LLMPruner:
     def run(self, ctx) -> None:
         net, task = ctx.net, ctx.task
         net.eval()
-        prunable = list(prunable_linears(net).values())  # density is over these (what the runner prunes)
-        if self.record_dense:
+        if self.record_dense:  # density = 1 - the zero fraction of the prunable linears (what the runner prunes)
+            zeros = zero_fraction(net)
             ctx.record("dense", 0, net, TrainingCost(), extra=self.extra(ctx, 0) | {"variant": "", "pattern": "",
-                       "target_sparsity": 0.0, "calibration": "none"}, sparsity=zero_fraction(net), prunable=prunable)
+                       "target_sparsity": 0.0, "calibration": "none"}, sparsity=zeros, density=1 - zeros)
         t0 = time.time()
         calib = self.calibration_inputs(net, task)
         calib_s = time.time() - t0
@@ -188,13 +188,13 @@ class LLMPruner:
                                                  "max_layer_sparsity": round(max(report.values()), 6)}
         if ":" in str(self.method.pattern):  # N:M: also time the 2:4 sparse kernels where they run
             hw = ctx.cfg.hardware
-            sp = measure_sparse_latency(net, ctx.example(), prunable, repeats=hw.latency_repeats)
+            sp = measure_sparse_latency(net, ctx.example(), prunable_linears(net).values(), repeats=hw.latency_repeats)
             if sp.ms is None:
                 ctx.log(f"{self.name}: latency_ms_sparse not measured: {sp.note}")
             extra |= {"latency_ms_sparse": None if sp.ms is None else round(sp.ms, 4),
                       "latency_ms_sparse_dense": None if sp.dense_ms is None else round(sp.dense_ms, 4),
                       "latency_sparse_note": sp.note}
-        ctx.record(self.name, 1, net, TrainingCost(), extra=extra, sparsity=achieved, prunable=prunable)
+        ctx.record(self.name, 1, net, TrainingCost(), extra=extra, sparsity=achieved, density=1 - achieved)
         if self.save:
             from inferno.models.hf import save_pruned
 
