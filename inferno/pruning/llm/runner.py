@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from inferno.cost import to_device
 from inferno.pruning.llm.masks import achieved_sparsity
 
 # model_type -> attribute path of the decoder blocks (a ModuleList)
@@ -96,19 +97,6 @@ class LayerInputs:
         return cls(**torch.load(path, weights_only=True))
 
 
-def _to(obj, device):
-    """Move tensors inside nested tuples/lists/dicts; anything else is returned as is."""
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _drop_caches(obj):
     """KV caches must not travel between chunks: replace any Cache object by None."""
     from transformers.cache_utils import Cache
@@ -165,8 +153,8 @@ def capture_inputs(
     def grab(module, args, kwargs):
         kwargs = {k: (False if k == "use_cache" else v) for k, v in kwargs.items()}
         state.hidden.append(args[0].detach().to(store_device))
-        state.args.append(_to(_drop_caches(tuple(args[1:])), store_device))
-        state.kwargs.append(_to(_drop_caches(kwargs), store_device))
+        state.args.append(to_device(_drop_caches(tuple(args[1:])), store_device))
+        state.kwargs.append(to_device(_drop_caches(kwargs), store_device))
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -232,7 +220,7 @@ def _forward_block(block, state: LayerInputs, device, store_device, stats: _Shar
         if stats is not None:
             stats.new_chunk()
         try:
-            out = block(h.to(device), *_to(args, device), **_to(kwargs, device))
+            out = block(h.to(device), *to_device(args, device), **to_device(kwargs, device))
         except _StatsDone:
             outs = None
             continue
@@ -395,7 +383,7 @@ def prune_layers(
                 full = f"{path}.{b.index}.{name}"
                 new = method.prune_weight(get_weight(mod), b.stats.get(name), layer_index=b.index, name=full)
                 set_weight(mod, new)
-        for name, mod in find_linears(b.module).items():  # the block's linears as they are now
+        for name, mod in b.linears.items():  # shrunk in place by the surgery: the block's linears as they are now
             report[f"{path}.{b.index}.{name}"] = achieved_sparsity(get_weight(mod))
         return True
 
