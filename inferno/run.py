@@ -202,8 +202,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.hardware.num_threads or torch.get_num_threads())
     pruner = build(cfg, "pruner")  # first: a bad pruner value fails before any data is read
-    net = build(cfg, "model")
     task = build(cfg, "task")
+    if hasattr(pruner, "check"):  # pruner x task combinations refused from the config, before the model loads
+        pruner.check(task)
+    net = build(cfg, "model")
     task.setup()
     trainers = Trainers(**OmegaConf.to_container(cfg.hardware, resolve=True))
     train = TrainConfig(**{k: v for k, v in OmegaConf.to_container(cfg.train).items() if k in TrainConfig.__dataclass_fields__})

@@ -7,13 +7,18 @@ Saved with ``save_pretrained`` (safetensors) + the tokenizer into ``--out`` (def
 ``$INFERNO_BENCH_LM`` or ``~/.cache/inferno/bench_lm``); if a model is already there, training is
 skipped and only the held-out perplexity (last 10 % of Tiny Shakespeare) is printed.
 
-    python scripts/train_bench_lm.py                 # ~9 min on 2 quiet CPU cores (2.4 M tokens)
-    python scripts/train_bench_lm.py --force --tokens 2400000 --out outputs/bench_lm
+    python scripts/train_bench_lm.py                 # ~9 min on 2 quiet CPU cores (585 steps, 2.4 M tokens)
+    python scripts/train_bench_lm.py --force --steps 585 --threads 1 --out outputs/bench_lm
+
+The schedule is a fixed number of optimizer steps (``--steps``; warm-up then cosine by step), whatever the wall
+time, so two trainings differ only by floating-point summation order (thread count). ``training.json`` records
+the figures and the SHA-256 of ``model.safetensors``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -44,7 +49,8 @@ def corpus(data: Path) -> tuple[list[str], str]:
     for task in ("boolq", "ARC-Easy", "ARC-Challenge"):
         f = data / "commonsense" / task / "train.json"
         if f.is_file():
-            train_docs += [e.prompt + e.continuation(e.label) for e in load_examples(f)]
+            # frozen format (independent of how the evaluator prompts): "Question: q\nAnswer: correct option"
+            train_docs += [f"Question: {e.question}\nAnswer: {e.options[e.label]}" for e in load_examples(f)]
     return train_docs, text[cut:]
 
 
@@ -74,8 +80,7 @@ def main() -> None:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--data", default=data_dir())
     p.add_argument("--force", action="store_true", help="retrain even if a model is cached")
-    p.add_argument("--tokens", type=int, default=2_400_000, help="training tokens")
-    p.add_argument("--max-minutes", type=float, default=15.0, help="end the schedule early at this wall time (loaded machines)")
+    p.add_argument("--steps", type=int, default=585, help="optimizer steps of --batch x --seqlen tokens (585: 2,396,160)")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -120,24 +125,23 @@ def main() -> None:
     )
     model = AutoModelForCausalLM.from_config(config)
     nparams = sum(p.numel() for p in model.parameters())
-    steps = max(1, a.tokens // (a.batch * a.seqlen))
+    if a.steps < 1:
+        sys.exit(f"error: --steps must be a positive integer, got {a.steps}")
+    steps = a.steps
     print(f"model: Llama hidden {a.hidden}, {a.layers} blocks, FFN {a.ffn}: {nparams:,} parameters; {steps} steps")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
-    budget_s = a.max_minutes * 60
 
-    def lr_at(step: int, elapsed: float) -> float:
-        # progress by tokens or by wall time, whichever is further: a loaded machine still ends the cosine
-        p = min(1.0, max(step / steps, elapsed / budget_s))
+    def lr_at(step: int) -> float:
+        p = step / steps  # by step only: the same schedule on any machine
         return a.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
     g = torch.Generator().manual_seed(a.seed)
     t_train, seen, step = time.time(), 0, 0
     model.train()
     for step in range(1, steps + 1):
-        elapsed = time.time() - t_train
         for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, elapsed)
+            group["lr"] = lr_at(step - 1)
         starts = torch.randint(0, ids.numel() - a.seqlen - 1, (a.batch,), generator=g)
         x = torch.stack([ids[s : s + a.seqlen] for s in starts.tolist()])
         loss = model(input_ids=x, labels=x).loss
@@ -148,17 +152,17 @@ def main() -> None:
         seen += x.numel()
         if step % 50 == 0 or step == steps:
             print(f"step {step}/{steps} loss {loss.item():.3f} tokens {seen:,} {time.time() - t_train:.0f}s", flush=True)
-        if time.time() - t_train > budget_s:
-            print(f"stopping at the {a.max_minutes}-minute limit (cosine schedule ended by wall time)")
-            break
     train_s = time.time() - t_train
     model.eval()
     ppl = perplexity(model, held_ids, a.seqlen)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    info = {"parameters": nparams, "train_tokens": seen, "steps": step, "train_seconds": round(train_s, 1),
-            "heldout_shakespeare_ppl": round(ppl, 3), "seqlen": a.seqlen, "threads": torch.get_num_threads()}
+    sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    info = {"parameters": nparams, "train_tokens": seen, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed,
+            "train_seconds": round(train_s, 1), "final_loss": round(loss.item(), 4),
+            "heldout_shakespeare_ppl": round(ppl, 3), "heldout_tokens": held_ids.numel(), "seqlen": a.seqlen,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "model_safetensors_sha256": sha}
     (out / "training.json").write_text(json.dumps(info, indent=2))
     print(f"saved to {out}: {nparams:,} parameters, {seen:,} tokens in {train_s:.0f}s; "
           f"held-out Shakespeare perplexity {ppl:.2f}")

@@ -142,7 +142,7 @@ def test_limit_is_a_fixed_subset_and_calibration_never_sees_answers(tmp_path):
     calib = a.calibration_inputs(4, 16, seed=0)
     assert calib.shape == (4, 16) and torch.equal(calib, a.calibration_inputs(4, 16, seed=0))
     assert not torch.equal(calib, a.calibration_inputs(4, 16, seed=1))
-    stream = a.tokenizer.decode(a.calibration_ids().tolist())
+    stream = a.tokenizer.decode(calib.flatten().tolist())
     assert "true" not in stream.replace("true or false", "")  # prompts only, no answers
 
 
@@ -161,7 +161,11 @@ def test_held_out_part_of_a_raw_text(tmp_path):
     text = "".join(f"Speaker {i}:\nline {i}\n\n" for i in range(100))
     p = tmp_path / "play.txt"
     p.write_text(text)
-    task = WikiText2Task(path=str(p), raw=True, start=0.9, seqlen=16)
+    task = WikiText2Task(path=str(p), raw=True, eval_range=[0.9, 1.0], calibration_range=[0.0, 0.9], seqlen=16)
     task.setup()
     cut = text.index("\n\n", int(len(text) * 0.9))
     assert task.text == text[cut:] and task.ids.tolist() == list(text[cut:].encode())
+    calib = task.task_calibration(8, 16, seed=0)  # only from the training part, before the cut
+    assert all(w.end <= cut for w in calib.windows)
+    for row, w in zip(calib.ids, calib.windows):
+        assert row.tolist() == list(text.encode())[w.start : w.end]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from inferno.errors import ConfigError
-from inferno.tasks.lm import LMTask
+from inferno.tasks.lm import LMTask, Window
 
 _FORMAT = re.compile(r"answer\s+format\s*:\s*(.+?)\s*$", re.IGNORECASE | re.DOTALL)
 _INDEXED = re.compile(r"([a-z]+)(\d+)")
@@ -103,6 +103,7 @@ class CommonsenseTask(LMTask):
     ``calibration_inputs`` draws from (prompts only, never answers)."""
 
     metric = "acc"
+    has_examples = True
 
     def __init__(self, path: str, limit: int | None = None, subset_seed: int = 1234, batch_size: int = 16, **kw):
         super().__init__(**kw)
@@ -121,13 +122,36 @@ class CommonsenseTask(LMTask):
             raise ConfigError(f"task.path: {self.path} has no examples")
         if self.limit is not None and int(self.limit) < len(examples):
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.subset_seed)).tolist()
-            self.examples = [examples[i] for i in sorted(order[: int(self.limit)])]
-            self.pool = [examples[i] for i in sorted(order[int(self.limit) :])]
-        else:
-            self.examples, self.pool = examples, examples
+            self.example_index = sorted(order[: int(self.limit)])
+            self.pool_index = sorted(order[int(self.limit) :])
+        else:  # every example is evaluated: nothing is left to calibrate on (task calibration is refused)
+            self.example_index, self.pool_index = list(range(len(examples))), []
+        self.examples = [examples[i] for i in self.example_index]
+        self.pool = [examples[i] for i in self.pool_index]
 
     def calibration_texts(self) -> list[str]:
         return [e.prompt for e in self.pool]
+
+    # ------------------------------------------------------------------ calibration vs evaluation positions
+    def calibration_pool(self) -> list[tuple[int, str]]:
+        """(index in the file, prompt) of every example outside the evaluated subset: prompts only."""
+        self.setup()
+        return [(i, e.prompt) for i, e in zip(self.pool_index, self.pool)]
+
+    def evaluated_windows(self, net=None) -> list[Window]:
+        self.setup()
+        return [Window(self.examples_key(), i, i + 1) for i in self.example_index]
+
+    def task_calibration_error(self, unit: str = "window") -> str | None:
+        if self.limit is None:
+            return ("pruner.calibration=task: task.limit is null, so every example is evaluated and none is left to "
+                    "calibrate on; set task.limit=N (the other examples become the calibration pool) or use a "
+                    "generic source")
+        return super().task_calibration_error(unit)
+
+    def cost_ids(self) -> torch.Tensor:
+        self.setup()
+        return self.encode_stream("\n\n".join(e.prompt for e in self.examples[:8]))
 
     @torch.no_grad()
     def option_logliks(self, net, examples: list[Example]) -> list[list[tuple[float, int]]]:

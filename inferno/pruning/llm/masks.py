@@ -75,22 +75,24 @@ def check_nm_fits(nm: tuple[int, int], in_features: int, layer: str | None) -> N
         )
 
 
-def apportion(fractions: torch.Tensor, n: int, total: int | None = None) -> torch.Tensor:
-    """Integer counts per row, each in [0, n], from per-row fractions of ``n``, summing to ``total``.
+def apportion(fractions: torch.Tensor, n: int, total: int | None = None, cap: int | None = None) -> torch.Tensor:
+    """Integer counts per row, each in [0, cap] (cap defaults to n), from per-row fractions of ``n``, summing
+    to ``total``.
 
     ``total`` defaults to ``round(sum(fractions) * n)``. Largest-remainder method: floor everything,
     then give the missing units to the rows with the largest remainders (or take surplus units from
-    the rows with the smallest remainders).
+    the rows with the smallest remainders); a row at ``cap`` never gets another unit.
     """
-    f = fractions.detach().double().clamp(0.0, 1.0) * n
+    cap = n if cap is None else max(0, min(int(cap), n))
+    f = (fractions.detach().double().clamp(0.0, 1.0) * n).clamp(max=cap)
     if total is None:
         total = round_half_up(float(f.sum()))
-    total = max(0, min(int(total), n * f.numel()))
+    total = max(0, min(int(total), cap * f.numel()))
     counts = f.floor().long()
     rem = f - counts
     diff = total - int(counts.sum())
     if diff > 0:
-        rem = torch.where(counts < n, rem, torch.full_like(rem, -1.0))
+        rem = torch.where(counts < cap, rem, torch.full_like(rem, -1.0))
         counts[torch.argsort(rem, descending=True, stable=True)[:diff]] += 1
     elif diff < 0:
         rem = torch.where(counts > 0, rem, torch.full_like(rem, 2.0))

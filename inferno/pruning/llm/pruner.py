@@ -8,8 +8,17 @@ either says where the calibration comes from (``calibration``, ``nsamples``, ``s
 ``save=true`` export the model to ``model/`` in the run directory.
 
 Calibration sources (``pruner.calibration``): ``task`` (the task's own unlabeled inputs, optionally
-extended by ``generate`` tokens the model samples itself), ``wikitext2``, ``shakespeare`` (files of
-``paths.data_dir``), ``random`` (uniform token ids, needs no data) or the path of any text file.
+extended by ``generate`` tokens the model samples itself), ``wikitext2``, ``shakespeare`` (the calibration parts
+of files of ``paths.data_dir``, see ``inferno.tasks.lm.CORPORA``), ``random`` (uniform token ids, needs no data) or
+the path of any text file. No source ever reads text the task evaluates: :meth:`LLMPruner.check` refuses an
+overlapping combination from the config, before the model is loaded, and ``calibration.json`` in the run directory
+lists the corpus positions every calibration sample read.
+
+``calibration_unit``: ``window`` (``nsamples`` windows of ``seqlen`` tokens at random offsets) or ``example``
+(``nsamples`` whole task inputs, one sample per example, as the INFERNO thesis calibrates; needs
+``calibration=task`` on a multiple-choice task). ``sequential``: ``true`` feeds each block the pruned blocks'
+outputs (Wanda, SparseGPT), ``false`` takes every statistic from one pass over the dense model (the thesis'
+reference code).
 """
 
 from __future__ import annotations
@@ -26,12 +35,10 @@ from inferno.errors import ConfigError
 from inferno.models.hf import torch_device
 from inferno.pruning.llm.methods import get_method
 from inferno.pruning.llm.runner import find_linears, get_blocks, get_weight, prune_model
+from inferno.tasks.lm import CORPORA, Calibration
 
-SOURCES = {
-    "wikitext2": ("wikitext2_raw", "wiki.test.raw"),
-    "shakespeare": ("tinyshakespeare", "input.txt"),
-}
-CALIBRATIONS = ("task", "random", *SOURCES)
+CALIBRATIONS = ("task", "random", *CORPORA)
+UNITS = ("window", "example")
 
 
 # ----------------------------------------------------------------------------------- sparsity
@@ -74,6 +81,8 @@ class LLMPruner:
         save: bool = False,
         record_dense: bool = True,
         progress: bool = False,
+        calibration_unit: str = "window",
+        sequential: bool = True,
         **options,
     ):
         options = {k: v for k, v in options.items() if v is not None}
@@ -89,6 +98,14 @@ class LLMPruner:
             raise ConfigError(
                 f"pruner.calibration must be one of {list(CALIBRATIONS)} or a text file, got {calibration!r}"
             )
+        if calibration_unit not in UNITS:
+            raise ConfigError(f"pruner.calibration_unit must be one of {list(UNITS)}, got {calibration_unit!r}")
+        if calibration_unit == "example" and calibration != "task":
+            raise ConfigError(f"pruner.calibration_unit=example draws whole task inputs and needs "
+                              f"pruner.calibration=task, got pruner.calibration={calibration!r}")
+        if not isinstance(sequential, bool):
+            raise ConfigError(f"pruner.sequential must be true or false, got {sequential!r}")
+        self.unit, self.sequential = calibration_unit, sequential
         self.calibration, self.nsamples, self.seqlen, self.seed = calibration, nsamples, seqlen, int(seed)
         self.generate, self.batch_size, self.device = generate, batch_size, torch_device(device)
         self.data_dir, self.save, self.record_dense, self.progress = data_dir, bool(save), bool(record_dense), progress
@@ -104,35 +121,48 @@ class LLMPruner:
         return m.group
 
     # ------------------------------------------------------------------ calibration
-    def _source_path(self) -> Path:
-        if self.calibration in SOURCES:
-            if not self.data_dir:
-                raise ConfigError(f"pruner.calibration={self.calibration} needs paths.data_dir (set INFERNO_DATA)")
-            return Path(self.data_dir).joinpath(*SOURCES[self.calibration])
-        return Path(self.calibration)
+    def check(self, task) -> None:
+        """Refuse, from the config alone (before the model is loaded), calibration that the task cannot give
+        or that would read text the task evaluates."""
+        if not self.method.needs_calibration or self.calibration == "random":
+            return
+        if self.calibration == "task":
+            if not hasattr(task, "task_calibration_error"):
+                raise ConfigError(f"pruner.calibration=task: task {type(task).__name__} has no unlabeled calibration inputs")
+            err = task.task_calibration_error(self.unit)
+        else:
+            err = task.source_error(self.calibration, self.data_dir)
+        if err:
+            raise ConfigError(err)
 
-    def calibration_inputs(self, net: nn.Module, task) -> torch.Tensor | None:
-        """(nsamples, seqlen [+ generate]) token ids, or None for methods that need no data."""
+    def draw(self, net: nn.Module, task) -> Calibration | None:
+        """The calibration samples and the corpus positions they read, or None for methods that need no data."""
         if not self.method.needs_calibration:
             return None
-        seqlen = self.seqlen
+        self.check(task)
         limit = getattr(net.config, "max_position_embeddings", None)
-        if limit and seqlen + self.generate > limit:
+        if limit and self.unit == "window" and self.seqlen + self.generate > limit:
             raise ConfigError(
-                f"pruner.seqlen: {seqlen} + pruner.generate {self.generate} exceeds the model's context of {limit} tokens"
+                f"pruner.seqlen: {self.seqlen} + pruner.generate {self.generate} exceeds the model's context of {limit} tokens"
             )
         if self.calibration == "task":
-            if not hasattr(task, "calibration_inputs"):
-                raise ConfigError(f"pruner.calibration=task: task {type(task).__name__} has no unlabeled calibration inputs")
-            ids = task.calibration_inputs(self.nsamples, seqlen, self.seed)
+            calib = task.task_calibration(self.nsamples, self.seqlen, self.seed, unit=self.unit)
         elif self.calibration == "random":
             g = torch.Generator().manual_seed(self.seed)
-            ids = torch.randint(0, net.config.vocab_size, (self.nsamples, seqlen), generator=g)
+            calib = Calibration(torch.randint(0, net.config.vocab_size, (self.nsamples, self.seqlen), generator=g))
         else:
-            ids = task.text_windows(self._source_path(), self.nsamples, seqlen, self.seed)
+            calib = task.source_calibration(self.calibration, self.nsamples, self.seqlen, self.seed, self.data_dir)
+        if self.unit == "example" and limit:  # whole prompts: keep the last tokens that leave room to generate
+            keep = max(1, limit - self.generate)
+            calib.ids = [x[:, -keep:] for x in calib.ids]
         if self.generate:
-            ids = self.continue_with_model(net, ids)
-        return ids
+            calib.ids = self.continue_with_model(net, calib.ids)
+        return calib
+
+    def calibration_inputs(self, net: nn.Module, task):
+        """The calibration token ids (see :meth:`draw`)."""
+        calib = self.draw(net, task)
+        return None if calib is None else calib.ids
 
     @torch.no_grad()
     def continue_with_model(self, net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -141,14 +171,15 @@ class LLMPruner:
         device = next(net.parameters()).device
         torch.manual_seed(self.seed)
         outs = []
-        for chunk in ids.split(self.batch_size):
+        chunks = ids.split(self.batch_size) if torch.is_tensor(ids) else ids  # a list: one example at a time
+        for chunk in chunks:
             out = net.generate(
                 input_ids=chunk.to(device), attention_mask=torch.ones_like(chunk).to(device),
                 max_new_tokens=self.generate, min_new_tokens=self.generate, do_sample=True, top_k=50,
                 pad_token_id=getattr(net.config, "pad_token_id", None) or 0,
             )
             outs.append(out.cpu())
-        return torch.cat(outs)
+        return torch.cat(outs) if torch.is_tensor(ids) else outs
 
     # ------------------------------------------------------------------ run
     def extra(self, ctx, calib_tokens: int) -> dict:
@@ -156,7 +187,8 @@ class LLMPruner:
             "variant": self.variant, "pattern": self.method.pattern, "target_sparsity": round(self.method.sparsity, 6),
             "calibration": self.calibration if self.method.needs_calibration else "none",
             "calib_tokens": calib_tokens, "nsamples": self.nsamples, "seqlen": self.seqlen,
-            "generate": self.generate, "calib_seed": self.seed,
+            "generate": self.generate, "calib_seed": self.seed, "calibration_unit": self.unit,
+            "sequential": self.sequential,
         }
         if "outliers" in ctx.cfg.model:
             out["outliers"] = bool(ctx.cfg.model.outliers)
@@ -170,13 +202,19 @@ class LLMPruner:
             ctx.record("dense", 0, net, TrainingCost(), extra=self.extra(ctx, 0) | {"variant": "", "pattern": "",
                        "target_sparsity": 0.0, "calibration": "none"}, sparsity=zeros, density=1 - zeros)
         t0 = time.time()
-        calib = self.calibration_inputs(net, task)
+        drawn = self.draw(net, task)
+        calib = None if drawn is None else drawn.ids
         calib_s = time.time() - t0
+        if drawn is not None:  # what calibration read: corpus positions, to audit against the evaluated text
+            (ctx.run_dir / "calibration.json").write_text(json.dumps(
+                {"source": self.calibration, "unit": self.unit, "seed": self.seed,
+                 "windows": [[w.corpus, w.start, w.end] for w in drawn.windows]}))
         t0 = time.time()
-        report = prune_model(net, self.method, calib, device=self.device, batch_size=self.batch_size, progress=self.progress)
+        report = prune_model(net, self.method, calib, device=self.device, batch_size=self.batch_size,
+                             progress=self.progress, sequential=self.sequential)
         prune_s = time.time() - t0
         achieved = zero_fraction(net)
-        calib_tokens = int(calib.numel()) if calib is not None else 0
+        calib_tokens = 0 if calib is None else int(calib.numel() if torch.is_tensor(calib) else sum(x.numel() for x in calib))
         layers = {"method": self.name, "variant": self.variant, "pattern": self.method.pattern,
                   "target_sparsity": self.method.sparsity, "achieved_sparsity": achieved, "layers": report}
         if getattr(self.method, "outlier_ratios", None):

@@ -300,6 +300,7 @@ def run_layers(
     share_stats: bool = True,
     outputs: bool = True,
     last_outputs: bool = True,
+    sequential: bool = True,
 ) -> LayerInputs | None:
     """Visit ``layers`` in order: collect statistics on the calibration inputs (one collector per distinct
     input, see :class:`Block`), call ``process(Block)``, and advance ``state`` to the (pruned) outputs. With
@@ -309,7 +310,10 @@ def run_layers(
     ``outputs=False``: ``process`` will change the block (so its outputs are recomputed after it) and does not
     read ``Block.outputs``: the statistics pass then ends each chunk at the last linear's input.
     ``last_outputs=False``: the model's final block is not rerun after ``process`` (nothing reads its outputs;
-    ``state.hidden`` is then left empty)."""
+    ``state.hidden`` is then left empty).
+    ``sequential=False``: every block sees the *dense* model's inputs -- its outputs before ``process`` feed the
+    next block, never recomputed -- so all statistics come from one pass over the dense model (the INFERNO
+    thesis' reference); ``True`` (default, Wanda and SparseGPT) feeds each block the pruned blocks' outputs."""
     blocks = get_blocks(model)
     home = _home(model)
     layers = list(layers)
@@ -321,7 +325,8 @@ def run_layers(
             linears = find_linears(block)
             stats, shared, outs = {}, {name: name for name in linears}, None
             if state is not None:
-                hooks = _SharedStats(linears, make_stats, share_stats, stop=not outputs) if make_stats is not None else None
+                stop = outputs is False and sequential  # the dense outputs are the next inputs: run whole blocks
+                hooks = _SharedStats(linears, make_stats, share_stats, stop=stop) if make_stats is not None else None
                 try:
                     outs = _forward_block(block, state, device, store_device, hooks)
                 finally:
@@ -331,7 +336,7 @@ def run_layers(
             changed = process(view) or not outputs
             del stats, view
             if state is not None:
-                if changed:
+                if changed and sequential:
                     outs = None  # free the stale outputs before recomputing
                     final = i == len(blocks) - 1 and not last_outputs
                     outs = [] if final else _forward_block(block, state, device, store_device, last_use=True)
@@ -350,6 +355,7 @@ def prune_layers(
     store_device="cpu",
     progress: bool = True,
     last_outputs: bool = True,
+    sequential: bool = True,
 ) -> dict[str, float]:
     """Prune ``layers`` (default: from ``state.next_layer`` to the end) with ``method``; returns
     {full linear name: achieved sparsity}. ``state`` is advanced in place.
@@ -392,7 +398,7 @@ def prune_layers(
 
     run_layers(model, state, layers, process, make_stats, device, store_device, f"prune[{method.name}]", progress,
                share_stats=getattr(method, "share_stats", True), outputs=getattr(method, "needs_outputs", False),
-               last_outputs=last_outputs)
+               last_outputs=last_outputs, sequential=sequential)
     return report
 
 
@@ -404,11 +410,13 @@ def prune_model(
     batch_size: int = 8,
     store_device="cpu",
     progress: bool = True,
+    sequential: bool = True,
 ) -> dict[str, float]:
     """Prune every decoder-block linear of a HF causal LM in place with ``method``.
 
     ``calib_inputs``: LongTensor (n, seqlen) of token ids (or a list of them); unused by methods with
-    ``needs_calibration = False``. Returns {linear name: achieved sparsity}.
+    ``needs_calibration = False``. ``sequential``: see :func:`run_layers` (False: statistics of the dense
+    model, one pass). Returns {linear name: achieved sparsity}.
     """
     was_training = model.training
     model.eval()
@@ -421,6 +429,7 @@ def prune_model(
             if hasattr(method, "prepare"):  # e.g. OWL: a dense measuring pass before pruning
                 method.prepare(model, state.copy(), device=device, store_device=store_device, progress=progress)
         # nothing reads the final block's pruned outputs: it is not rerun
-        return prune_layers(model, method, state, None, device, store_device, progress, last_outputs=False)
+        return prune_layers(model, method, state, None, device, store_device, progress, last_outputs=False,
+                            sequential=sequential)
     finally:
         model.train(was_training)

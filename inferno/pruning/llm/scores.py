@@ -69,14 +69,15 @@ def row_skewness(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, sk, torch.zeros_like(sk))
 
 
-def skewness_row_sparsity(scores: torch.Tensor, sparsity: float, floor: float = 0.05, iters: int = 100) -> torch.Tensor:
+def skewness_row_sparsity(scores: torch.Tensor, sparsity: float, floor: float = 0.05, iters: int = 100,
+                          cap: float = 1.0) -> torch.Tensor:
     """INFERNO per-row sparsity: rows whose scores have a heavy right tail keep more weights.
 
     For each output row r of the score matrix:
 
         sk_r  = 3 (mean_r - median_r) / std_r        (Pearson skewness)
         sk'_r = 1 - sk_r
-        q_r   = clamp(1 - s + (sk'_r - s) / 2 - alpha, floor, 1)
+        q_r   = clamp(1 - s + (sk'_r - s) / 2 - alpha, floor, cap)
 
     ``q_r`` is the fraction of row r that is pruned (its lowest-scored ``q_r * in`` weights). A
     strongly right-skewed row (a few very salient weights) has a small ``sk'_r`` and so a smaller
@@ -84,9 +85,13 @@ def skewness_row_sparsity(scores: torch.Tensor, sparsity: float, floor: float = 
     ``mean_r q_r == s``; the mask step (``masks.keep_mask`` with a per-row vector) then turns the
     fractions into integer counts whose layer total is exactly ``round(s * numel)``.
 
-    ``floor`` is lowered to ``s`` when ``s < floor`` (otherwise the mean could not reach ``s``).
+    ``floor`` is lowered to ``s`` when ``s < floor`` (otherwise the mean could not reach ``s``). ``cap`` bounds
+    every row (1.0: a row may be emptied; ``InfernoTask`` passes ``pruner.max_row_sparsity``, by default the
+    fraction that leaves one weight per row); it must be at least ``s``.
     Returns a float64 tensor of shape (out,).
     """
+    if cap < sparsity:
+        raise ValueError(f"cap {cap} is below the target sparsity {sparsity}: the mean could not reach it")
     out = scores.shape[0]
     if sparsity <= 0:
         return torch.zeros(out, dtype=torch.float64)
@@ -94,10 +99,10 @@ def skewness_row_sparsity(scores: torch.Tensor, sparsity: float, floor: float = 
     base = 1 - sparsity + ((1 - row_skewness(scores)) - sparsity) / 2
 
     def q(alpha: float) -> torch.Tensor:
-        return (base - alpha).clamp(lo_clamp, 1.0)
+        return (base - alpha).clamp(lo_clamp, cap)
 
-    # mean q is non-increasing in alpha: 1 at a_lo (every row at the cap), lo_clamp at a_hi.
-    a_lo, a_hi = float(base.min()) - 1.0, float(base.max()) - lo_clamp
+    # mean q is non-increasing in alpha: cap at a_lo (every row at the cap), lo_clamp at a_hi.
+    a_lo, a_hi = float(base.min()) - cap, float(base.max()) - lo_clamp
     for _ in range(iters):
         mid = (a_lo + a_hi) / 2
         if float(q(mid).mean()) > sparsity:
