@@ -3,6 +3,7 @@ INFERNO options of issue 9: the per-row bound of the skewness allocation, the re
 one-pass (dense) statistics, whole-example calibration."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_window_positions_are_what_calibration_reads(compose_cfg, shared_data):
     pruner, task = build(cfg, "pruner"), build(cfg, "task")
     task.setup()
     calib = pruner.draw(tiny_causal_lm("llama", max_positions=512), task)
-    text = open(f"{shared_data}/tinyshakespeare/input.txt", encoding="utf-8").read()
+    text = Path(shared_data, "tinyshakespeare", "input.txt").read_text(encoding="utf-8")
     cut = text.index("\n\n", int(len(text) * 0.9))  # scripts/train_bench_lm.py trains on text[:cut]
     data = list(text.encode())
     for row, w in zip(calib.ids, calib.windows):

@@ -324,10 +324,10 @@ class LMTask:
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"pruner.calibration: {name!r} is not one of task, random, {', '.join(CORPORA)} or a text file")
+        root = data_dir or self.data_dir
         for c in CORPORA.values():
-            if root := (data_dir or self.data_dir):
-                if path.resolve() == Path(root).joinpath(*c.parts).resolve():
-                    return path, c.raw, c.calibration_range
+            if root and path.resolve() == Path(root).joinpath(*c.parts).resolve():
+                return path, c.raw, c.calibration_range
         return path, True, None
 
     def source_error(self, name: str, data_dir=None) -> str | None:

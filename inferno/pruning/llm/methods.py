@@ -28,7 +28,14 @@ import inspect
 import torch
 
 from inferno.errors import ConfigError
-from inferno.pruning.llm.masks import apportion, check_group, check_sparsity, keep_mask, mask_from_row_counts, parse_pattern
+from inferno.pruning.llm.masks import (
+    apportion,
+    check_group,
+    check_sparsity,
+    keep_mask,
+    mask_from_row_counts,
+    parse_pattern,
+)
 from inferno.pruning.llm.scores import InputNorms, magnitude, skewness_row_sparsity, wanda
 from inferno.pruning.llm.sparsegpt import Hessian, sparsegpt_prune
 
