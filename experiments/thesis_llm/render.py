@@ -30,8 +30,8 @@ LABELS = {  # (method, variant, calibration) -> label in the table
     ("inferno_task", "skewness", "shakespeare"): "inferno_skewness_generic",
 }
 ORDER = ["dense", "magnitude", "wanda", "wanda_task", "sparsegpt", "sparsegpt_task", "owl", "owl_task", "inferno_l2",
-         "inferno_skewness", "inferno_l2_generic", "inferno_skewness_generic"]
-SETTINGS = ["50%", "70%", "2:4"]
+         "inferno_skewness", "inferno_skewness_ref", "inferno_thesis", "inferno_l2_generic", "inferno_skewness_generic"]
+SETTINGS = ["50%", "70%", "2:4", "36%"]
 TASKS = ["wikitext2", "shakespeare", "boolq", "piqa", "arc_easy", "arc_challenge"]
 PPL_TASKS = ("wikitext2", "shakespeare")
 
@@ -44,6 +44,11 @@ def label(row: dict) -> str:
         return "magnitude"
     key = (m, row.get("variant") if m == "inferno_task" else None, row.get("calibration"))
     lab = LABELS.get(key, f"{m}_{row.get('variant')}_{row.get('calibration')}")
+    if row.get("calibration_unit") == "example" and row.get("sequential") in ("False", "false") \
+            and row.get("generate") == "50" and lab == "inferno_skewness":
+        return "inferno_thesis"  # experiment=inferno_thesis: whole examples + 50 sampled tokens, one dense pass
+    if row.get("row_limit") not in (None, ""):
+        lab += "_ref"  # the reference code's row limit
     return lab + (f"+gen{row['generate']}" if row.get("generate") not in (None, "", "0") else "")
 
 

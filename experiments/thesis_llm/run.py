@@ -50,6 +50,8 @@ def cells(grid, a):
                 for label, m in methods.items():
                     if m.get("unstructured_only") and any("pattern" in o for o in s_over):
                         continue
+                    if setting not in m.get("settings", grid.default_settings) or task not in m.get("tasks", [task]):
+                        continue
                     for seed in seeds[: m.get("seeds", len(seeds))]:
                         over = [f"model={model}", f"task={task}", *m.overrides, *s_over, f"seed={seed}",
                                 f"task.limit={limit}", f"pruner.record_dense={str(first).lower()}"]

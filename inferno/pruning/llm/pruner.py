@@ -190,6 +190,9 @@ class LLMPruner:
             "generate": self.generate, "calib_seed": self.seed, "calibration_unit": self.unit,
             "sequential": self.sequential,
         }
+        for key in ("max_row_sparsity", "row_limit"):  # INFERNO's row options, when set
+            if getattr(self.method, key, None) is not None:
+                out[key] = getattr(self.method, key)
         if "outliers" in ctx.cfg.model:
             out["outliers"] = bool(ctx.cfg.model.outliers)
         return out
