@@ -12,7 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inferno.models.hf import tiny_causal_lm
-from inferno.tasks.commonsense import CommonsenseTask, Example, load_examples, parse_example, score_choices
+from inferno.tasks.commonsense import CommonsenseTask, harness_item, load_examples, parse_example, score_choices
+from inferno.tasks.harness import Item
 from inferno.tasks.lm import ByteTokenizer, WikiText2Task
 
 TEXT = "The quick brown fox jumps over the lazy dog.\nPack my box with five dozen liquor jugs.\n" * 20
@@ -93,18 +94,21 @@ def test_parser_generic_markers_and_true_false():
           "Answer format: true/false", "input": "", "output": "the correct answer is true", "answer": "true"}
     e = parse_example(tf)
     assert e.options == ["true", "false"] and e.label == 0 and e.question == "is the sky blue?"
-    assert e.prompt == "Question: is the sky blue?\nAnswer:" and e.continuation(1) == " false"
+    generic = harness_item(e)  # any file: the harness' ARC prompt with the parsed options
+    assert generic.context == "Question: is the sky blue?\nAnswer:" and generic.continuation(1) == " false"
+    assert harness_item(e, "boolq") == Item("Question: is the sky blue?\nAnswer:", ("no", "yes"), 1)
 
 
 def test_acc_and_acc_norm_on_a_known_example():
     # option 0: short with the larger total log-likelihood; option 1: long, better per character
-    ex = Example("q", ["ab", "abcdefghij"], label=1)
+    ex = Item("q", ("ab", "abcdefghij"), gold=1)
     results = [[(-3.0, 1), (-4.0, 4)]]  # (sum log p, tokens) per option
     s = score_choices([ex], results)
-    # acc: argmax(-3, -4) = 0 (wrong); acc_norm: -3/3 = -1.0 vs -4/11 = -0.36 -> 1 (right)
+    # acc: argmax(-3, -4) = 0 (wrong); acc_norm (characters of the choice, without the delimiter, as the harness):
+    # -3/2 = -1.5 vs -4/10 = -0.4 -> 1 (right)
     assert s["acc"] == 0.0 and s["acc_norm"] == 1.0
     assert s["task_nll"] == pytest.approx(4.0 / 4)
-    two = score_choices([ex, Example("q", ["x", "y"], 0)], results + [[(-1.0, 2), (-2.0, 1)]])
+    two = score_choices([ex, Item("q", ("x", "y"), 0)], results + [[(-1.0, 2), (-2.0, 1)]])
     assert two["acc"] == 0.5 and two["acc_norm"] == 1.0 and two["task_nll"] == pytest.approx((1.0 + 0.5) / 2)
 
 
@@ -114,13 +118,13 @@ def test_option_logliks_match_an_independent_forward(model, tmp_path):
              "output": "", "answer": f"answer{i % 3 + 1}"} for i in range(5)]
     path = tmp_path / "mc.json"
     path.write_text(json.dumps(recs))
-    task = CommonsenseTask(path=str(path), batch_size=4)
+    task = CommonsenseTask(path=str(path), batch_size=4, evaluator="inferno")
     task.setup()
-    got = task.option_logliks(model, task.examples)
+    got = task.option_logliks(model)
     tok = ByteTokenizer()
-    for e, res in zip(task.examples, got):
+    for it, res in zip(task.items, got):
         for i, (s, n) in enumerate(res):
-            ctx, cont = tok.encode(e.prompt), tok.encode(e.continuation(i))
+            ctx, cont = tok.encode(it.context), tok.encode(it.continuation(i))
             ids = torch.tensor([ctx + cont])
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
