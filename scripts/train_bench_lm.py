@@ -1,6 +1,7 @@
 """Train the bench LM: a small Llama (hidden 256, 4 blocks, FFN 688, ~4 M parameters) and its byte-level
 BPE tokenizer (4,096 tokens), on Tiny Shakespeare (first 90 %) plus the train splits of the commonsense
-tasks (BoolQ, ARC-Easy, ARC-Challenge, written as ``Question: …\\nAnswer: <correct option>``).
+tasks (BoolQ, ARC-Easy, ARC-Challenge, written as lm-evaluation-harness prompts them, followed by the correct
+answer: ``Question: …\\nAnswer: <option>``, BoolQ ``Question: …?\\nAnswer: yes|no``).
 WikiText-2 (the perplexity test set) is never used for training.
 
 Saved with ``save_pretrained`` (safetensors) + the tokenizer into ``--out`` (default
@@ -40,17 +41,17 @@ EOS = "<|endoftext|>"
 
 def corpus(data: Path) -> tuple[list[str], str]:
     """(training documents, held-out Shakespeare text)."""
-    from inferno.tasks.commonsense import load_examples
+    from inferno.tasks.commonsense import harness_item, load_examples
 
     text = (data / "tinyshakespeare" / "input.txt").read_text()
     cut = int(len(text) * 0.9)
     cut = text.index("\n\n", cut) if "\n\n" in text[cut:] else cut
     train_docs = [p for p in text[:cut].split("\n\n") if p.strip()]
-    for task in ("boolq", "ARC-Easy", "ARC-Challenge"):
+    for task, prompt in (("boolq", "boolq"), ("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")):
         f = data / "commonsense" / task / "train.json"
-        if f.is_file():
-            # frozen format (independent of how the evaluator prompts): "Question: q\nAnswer: correct option"
-            train_docs += [f"Question: {e.question}\nAnswer: {e.options[e.label]}" for e in load_examples(f)]
+        if f.is_file():  # as lm-evaluation-harness prompts the task (BoolQ: "...?\nAnswer: yes|no"), correct answer
+            items = [harness_item(e, prompt) for e in load_examples(f)]
+            train_docs += [it.context + it.continuation(it.gold) for it in items]
     return train_docs, text[cut:]
 
 
