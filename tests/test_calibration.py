@@ -198,3 +198,31 @@ def test_example_unit_is_one_whole_prompt_per_sample(compose_cfg, shared_data):
         assert x.shape[0] == 1 and x[0].tolist() == task.encode(pool[w.start])  # the whole prompt, no answer
     evaluated = {w.start for w in task.evaluated_windows()}
     assert len(evaluated) == 200 and not evaluated & {w.start for w in calib.windows}
+
+
+def test_every_thesis_llm_cell_composes_and_passes_the_checks(compose_cfg, shared_data):
+    """Every cell of the thesis_llm grid (and experiment=inferno_thesis) builds its pruner and task and passes
+    the calibration checks from the config alone -- the grid never fails half-way on a refused pair."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("grid", Path(__file__).parents[1] / "experiments/thesis_llm/run.py")
+    grid_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid_run)
+    grid = compose_cfg("experiment=thesis_llm").thesis_llm_grid
+    args = SimpleNamespace(models=["bench_lm"], tasks=None, seeds=[0], settings=None, methods=None, limit=None)
+    cells = list(grid_run.cells(grid, args))
+    # per multiple-choice task 26 (method, setting) pairs at one seed; the perplexity tasks lack inferno_thesis x 2
+    assert len(cells) == 4 * 26 + 2 * 24
+    seen = set()
+    for rel, over in cells:  # the checks depend on the task and the method, not on the setting or the seed
+        if (rel.parts[1], rel.parts[3]) in seen:
+            continue
+        seen.add((rel.parts[1], rel.parts[3]))
+        cfg = compose_cfg("experiment=thesis_llm", *over, "logger=none")
+        build(cfg, "pruner").check(build(cfg, "task"))
+    assert len(seen) == 4 * 9 + 2 * 8  # 9 methods; inferno_thesis only on the multiple-choice tasks
+    cfg = compose_cfg("experiment=inferno_thesis")
+    pruner = build(cfg, "pruner")
+    assert (pruner.unit, pruner.generate, pruner.sequential, pruner.method.score) == ("example", 50, False, "skewness")
+    pruner.check(build(cfg, "task"))
