@@ -63,13 +63,18 @@ def test_no_calibration_window_overlaps_an_evaluated_window(compose_cfg, shared_
     assert drawn == (0 if text_task else 1) if unit == "example" else drawn >= 4
 
 
-def test_window_positions_are_what_calibration_reads(compose_cfg, shared_data):
-    """The reported positions are the drawn tokens: the generic source re-read independently from the file."""
-    cfg = compose_cfg("model=tiny_llama", "task=wikitext2", "pruner=wanda", "pruner.calibration=shakespeare",
-                      "pruner.nsamples=8", "pruner.seqlen=32")
+def _draw(compose_cfg, max_positions, *overrides):
+    """The task and the calibration the configured pruner draws for it (a tiny Llama of that context)."""
+    cfg = compose_cfg("model=tiny_llama", *overrides)
     pruner, task = build(cfg, "pruner"), build(cfg, "task")
     task.setup()
-    calib = pruner.draw(tiny_causal_lm("llama", max_positions=512), task)
+    return task, pruner.draw(tiny_causal_lm("llama", max_positions=max_positions), task)
+
+
+def test_window_positions_are_what_calibration_reads(compose_cfg, shared_data):
+    """The reported positions are the drawn tokens: the generic source re-read independently from the file."""
+    _task, calib = _draw(compose_cfg, 512, "task=wikitext2", "pruner=wanda", "pruner.calibration=shakespeare",
+                         "pruner.nsamples=8", "pruner.seqlen=32")
     text = Path(shared_data, "tinyshakespeare", "input.txt").read_text(encoding="utf-8")
     cut = text.index("\n\n", int(len(text) * 0.9))  # scripts/train_bench_lm.py trains on text[:cut]
     data = list(text.encode())
@@ -187,11 +192,8 @@ def test_sequential_false_takes_every_statistic_from_the_dense_model():
 
 # ----------------------------------------------------------------------------------- whole-example calibration
 def test_example_unit_is_one_whole_prompt_per_sample(compose_cfg, shared_data):
-    cfg = compose_cfg("model=tiny_llama", "task=arc_easy", "task.limit=200", "pruner=inferno_task",
-                      "pruner.calibration_unit=example", "pruner.nsamples=12")
-    pruner, task = build(cfg, "pruner"), build(cfg, "task")
-    task.setup()
-    calib = pruner.draw(tiny_causal_lm("llama", max_positions=2048), task)
+    task, calib = _draw(compose_cfg, 2048, "task=arc_easy", "task.limit=200", "pruner=inferno_task",
+                        "pruner.calibration_unit=example", "pruner.nsamples=12")
     pool = dict(task.calibration_pool())
     assert len(calib.ids) == 12 and len({w.start for w in calib.windows}) == 12  # 12 distinct examples
     for x, w in zip(calib.ids, calib.windows):

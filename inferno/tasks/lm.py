@@ -63,16 +63,6 @@ def read_text(path) -> str:
     return "\n\n".join(t for t in ds["text"] if t.strip())
 
 
-def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at random offsets of a 1-D id stream (seeded)."""
-    if ids.numel() <= seqlen:
-        reps = seqlen // max(1, ids.numel()) + 2
-        ids = ids.repeat(reps)
-    g = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, ids.numel() - seqlen, (int(nsamples),), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
-
-
 @dataclass(frozen=True)
 class Window:
     """Token positions ``[start, end)`` of one corpus (``corpus``: the file's resolved path and how it is read;
@@ -170,6 +160,14 @@ class TokenText:
     def span(self, fraction_range) -> tuple[int, int]:
         lo, hi = fraction_range
         return self.token_at(cut_at(self.text, lo)), self.token_at(cut_at(self.text, hi)) if hi < 1 else len(self.ids)
+
+    def draw(self, fraction_range, nsamples: int, seqlen: int, seed: int) -> Calibration:
+        """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, each inside ``fraction_range``
+        (None: the whole text), with their positions."""
+        lo, hi = self.span(fraction_range) if fraction_range is not None else (0, len(self.ids))
+        starts = seeded_starts(lo, hi, nsamples, seqlen, seed)
+        return Calibration(torch.stack([self.ids[a : a + seqlen] for a in starts]),
+                           [Window(self.key, a, a + seqlen) for a in starts])
 
 
 _TOKEN_TEXTS: dict[tuple, TokenText] = {}  # (tokenizer, corpus, mtime) -> tokenized once per process
@@ -337,11 +335,7 @@ class LMTask:
     def source_calibration(self, name: str, nsamples: int, seqlen: int, seed: int, data_dir=None) -> Calibration:
         """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets of a generic source's calibration part."""
         path, raw, part = self.source(name, data_dir)
-        text = self.token_text(path, raw)
-        lo, hi = text.span(part) if part is not None else (0, len(text.ids))
-        starts = seeded_starts(lo, hi, nsamples, seqlen, seed)
-        return Calibration(torch.stack([text.ids[a : a + seqlen] for a in starts]),
-                           [Window(text.key, a, a + seqlen) for a in starts])
+        return self.token_text(path, raw).draw(part, nsamples, seqlen, seed)
 
     def calibration_inputs(self, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
         """(nsamples, seqlen) token ids of the task's own calibration text (see :meth:`task_calibration`)."""
@@ -453,10 +447,7 @@ class PerplexityTask(LMTask):
         if err:
             raise ConfigError(err)
         self.setup()
-        lo, hi = self.corpus.span(self.calibration_range)
-        starts = seeded_starts(lo, hi, nsamples, seqlen, seed)
-        return Calibration(torch.stack([self.corpus.ids[a : a + seqlen] for a in starts]),
-                           [Window(self.corpus.key, a, a + seqlen) for a in starts])
+        return self.corpus.draw(self.calibration_range, nsamples, seqlen, seed)
 
     def source_error(self, name: str, data_dir=None) -> str | None:
         path, raw, part = self.source(name, data_dir)

@@ -159,11 +159,6 @@ class LLMPruner:
             calib.ids = self.continue_with_model(net, calib.ids)
         return calib
 
-    def calibration_inputs(self, net: nn.Module, task):
-        """The calibration token ids (see :meth:`draw`)."""
-        calib = self.draw(net, task)
-        return None if calib is None else calib.ids
-
     @torch.no_grad()
     def continue_with_model(self, net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Extend every calibration sample by ``generate`` tokens the model samples itself (top-k 50);
