@@ -71,9 +71,11 @@ class RunContext:
     def macs(self, net: nn.Module) -> int:
         return count_macs(net, self.example())
 
-    def finetune(self, net: nn.Module, epochs: int, cost: TrainingCost) -> None:
-        """Train ``net`` in place and add the examples it processed (and their MACs) to ``cost``."""
-        samples = self.trainers.fit(net, self.task, epochs, self.train)
+    def finetune(self, net: nn.Module, epochs: float, cost: TrainingCost, train: TrainConfig | None = None,
+                 val_history: list | None = None) -> None:
+        """Train ``net`` in place (with ``train``, default the run's recipe) and add the examples it processed
+        (and their MACs) to ``cost``; with a ``val_history`` list, every epoch's validation accuracy lands in it."""
+        samples = self.trainers.fit(net, self.task, epochs, train or self.train, val_history)
         cost.add(samples, self.macs(net))
 
     def evaluate(self, net: nn.Module, split: str = "test") -> dict[str, float]:

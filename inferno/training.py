@@ -28,6 +28,28 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9
     label_smoothing: float = 0.0
+    schedule: str = "onecycle"  # onecycle (warm-up then anneal) | constant
+    nesterov: bool = True  # SGD only
+
+    def __post_init__(self):
+        from inferno.errors import ConfigError
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer: unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule: unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr: {self.lr} must be positive")
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with ``changes`` (None values ignored): a method's own recipe over the run's ``train``."""
+        from dataclasses import asdict
+
+        return TrainConfig(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
+
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("onecycle", "constant")
 
 
 class ClassificationModule(L.LightningModule):
@@ -66,16 +88,26 @@ class ClassificationModule(L.LightningModule):
     def configure_optimizers(self):
         c = self.train_cfg
         if c.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
-        elif c.optimizer == "adamw":
-            opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                  nesterov=c.nesterov and c.momentum > 0)
         else:
-            from inferno.errors import ConfigError
-
-            raise ConfigError(f"train.optimizer: unknown optimizer {c.optimizer!r}; allowed: adamw, sgd")
+            opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        if c.schedule == "constant":
+            return opt
         steps = max(1, self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=steps, pct_start=0.15)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _ValHistory(L.Callback):
+    """Collects the validation accuracy at the end of every epoch's validation loop."""
+
+    def __init__(self, out: list):
+        self.out = out
+
+    def on_validation_epoch_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.out.append(float(trainer.callback_metrics["val_accuracy"]))
 
 
 class Trainers:
@@ -111,15 +143,23 @@ class Trainers:
             num_sanity_val_steps=0, **limits, **self.kw,
         )
 
-    def fit(self, net: nn.Module, task, epochs: float, train: TrainConfig | None = None) -> int:
-        """Train ``net`` in place for ``epochs`` on ``task``; returns the number of training examples processed."""
-        return self.fit_module(ClassificationModule(net, train, epochs), task, epochs)
+    def fit(self, net: nn.Module, task, epochs: float, train: TrainConfig | None = None,
+            val_history: list | None = None) -> int:
+        """Train ``net`` in place for ``epochs`` on ``task``; returns the number of training examples processed.
+        With a ``val_history`` list, the validation accuracy after every epoch is appended to it."""
+        return self.fit_module(ClassificationModule(net, train, epochs), task, epochs, val_history)
 
-    def fit_module(self, module: ClassificationModule, task, epochs: float) -> int:
+    def fit_module(self, module: ClassificationModule, task, epochs: float, val_history: list | None = None) -> int:
         """Fit any ClassificationModule (e.g. a supernet's) on ``task``'s training split; examples processed."""
         if epochs > 0:
             module.net.train()
-            self.make(epochs).fit(module, train_dataloaders=task.train_dataloader())
+            kw = {}
+            if val_history is not None:
+                kw = {"val_dataloaders": task.val_dataloader()}
+            trainer = self.make(epochs)
+            if val_history is not None:
+                trainer.callbacks.append(_ValHistory(val_history))
+            trainer.fit(module, train_dataloaders=task.train_dataloader(), **kw)
         module.net.to(self.device)
         return module.samples_seen
 

@@ -169,13 +169,18 @@ class SearchLoop:
         L.seed_everything((int(ctx.cfg.seed) * 1_000_003 + zlib.crc32(repr(where).encode())) % 2**32, workers=True,
                           verbose=False)
 
-    def train_and_record(self, ctx, state: dict, net: nn.Module, epochs: int, cost: TrainingCost, where: tuple,
-                         step: int, extra: dict) -> Point:
-        """Seeded training of ``net`` (its examples added to ``cost``), then a recorded point whose
-        ``train_samples`` is the cumulative ``cost`` and ``own_samples`` this training alone."""
+    def train_and_record(self, ctx, state: dict, net: nn.Module, epochs: float, cost: TrainingCost, where: tuple,
+                         step: int, extra: dict, train=None, val_history: bool = False) -> Point:
+        """Seeded training of ``net`` (its examples added to ``cost``; recipe ``train``, default the run's),
+        then a recorded point whose ``train_samples`` is the cumulative ``cost`` and ``own_samples`` this
+        training alone. ``val_history``: validate after every epoch; the accuracies go in the ``val_history``
+        column."""
         self.seed(ctx, *where)
         before = cost.samples
-        ctx.finetune(net, epochs, cost)
+        history = [] if val_history else None
+        ctx.finetune(net, epochs, cost, train, history)
+        if history is not None:
+            extra = {**extra, "val_history": history}
         extra = {"own_samples": cost.samples - before, "search_samples": cost.samples - state["dense_cost"]["samples"],
                  "search_macs": cost.macs - state["dense_cost"]["macs"], **extra}
         if self.variant:
