@@ -215,8 +215,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
                       x_axes=tuple(plot_axes(cfg)))
     ctx = RunContext(cfg=cfg, net=net, task=task, trainers=trainers, tracker=tracker, train=train, run_dir=run_dir)
     pruner.run(ctx)
-    best = tracker.best().get(cfg.pruner.name) or tracker.best().get("dense")
-    objective = float(best["value"]) if best else float("nan")
+    objective = pruner.objective(ctx) if hasattr(pruner, "objective") else None
+    if objective is None:  # the pruner's best point, else the start model's
+        best = tracker.best().get(cfg.pruner.name) or tracker.best().get("dense")
+        objective = best["value"] if best else float("nan")
+    objective = float(objective)
     tracker.finish(objective)
     return objective
 

@@ -48,6 +48,18 @@ class TrainConfig:
         return TrainConfig(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
 
 
+def check_epochs(key: str, epochs, allow_none: bool = False):
+    """Epochs are a whole number >= 0 or a fraction below 1 (that fraction of one epoch's batches)."""
+    from inferno.errors import ConfigError
+
+    if epochs is None and allow_none:
+        return None
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs < 0 or (
+            epochs >= 1 and epochs != int(epochs)):
+        raise ConfigError(f"{key}: {epochs!r} must be a whole number of epochs >= 0 or a fraction below 1")
+    return epochs
+
+
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "constant")
 

@@ -153,6 +153,8 @@ def test_random_sampling_cost_is_the_sum_over_samples(compose_cfg, tmp_path):
 
 def test_compare_matches_random_sampling_to_greedy_cost(compose_cfg, tmp_path):
     cfg = compose_cfg(*FAST, "pruner=compare", "pruner.budget.macs=0.5", "pruner.methods.uniform.ratios=[0.5]",
+                      "pruner.methods.greedy_thesis=null", "pruner.methods.grid=null", "pruner.objective=greedy_layerwise",
+                      "pruner.methods.random_sampling.match.method=greedy_layerwise",
                       "pruner.methods.uniform.finetune_epochs=1", "pruner.methods.greedy_layerwise.final_epochs=1",
                       "pruner.methods.greedy_layerwise.scratch_control=false",
                       "pruner.methods.random_sampling.epochs=1", "pruner.methods.random_sampling.max_samples=100", "pruner.methods.random_sampling.match.multiple=2",

@@ -29,6 +29,7 @@ from inferno.errors import ConfigError
 from inferno.pruning.cnn.surgery import prune_channels
 
 TRANSFERS = ("importance", "leading_slice")
+SCOPES = {"narrow_scope": ("stage", "all"), "drop_block_scope": ("all", "stage")}
 
 
 @dataclass
@@ -46,6 +47,16 @@ class MoveOptions:
     drop_block_scope: str = "all"  # all | stage
     importance: str = "l1"
     calib_batch: tuple | None = None
+
+    def __post_init__(self):
+        check_choice("pruner.narrow_scope", self.narrow_scope, SCOPES["narrow_scope"])
+        check_choice("pruner.drop_block_scope", self.drop_block_scope, SCOPES["drop_block_scope"])
+
+
+def check_choice(key: str, value, allowed) -> None:
+    """One line naming ``key`` and the allowed values when ``value`` is not one of them."""
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
 def rebuild(net: nn.Module, spec: dict | None = None) -> nn.Module:
@@ -108,8 +119,7 @@ def check_moves(moves, model: nn.Module) -> list[str]:
 
 def children(parent: nn.Module, moves: list[str], opts: MoveOptions, transfer: str = "importance") -> list[Child]:
     """Every child one move away from ``parent``, weights transferred by ``transfer``."""
-    if transfer not in TRANSFERS:
-        raise ConfigError(f"pruner.transfer: unknown rule {transfer!r}; allowed: {', '.join(TRANSFERS)}")
+    check_choice("pruner.transfer", transfer, TRANSFERS)
     out = [c for m in moves for c in MOVES[m](parent, opts)]
     if transfer == "leading_slice":
         for c in out:

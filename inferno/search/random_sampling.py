@@ -1,5 +1,7 @@
 """``pruner=random_sampling``: architectures drawn at random from greedy's space, each trained from
-scratch, under the same budget: the baseline the INFERNO thesis compares greedy against.
+scratch, under the same budget: the baseline the INFERNO thesis compares greedy against. Every sample gets
+the start model's recipe (the run's ``train`` settings for ``epochs``, default ``train.dense_epochs``),
+so the baseline is not under-trained relative to the model greedy starts from.
 
 The space is that of the start model: B' <= B stages, D' <= D blocks (the same in every stage, or per
 stage), and widths for the stem and each stage from ``width_choices`` (fractions of the start model's
@@ -18,6 +20,13 @@ from inferno.cost import TrainingCost, count_macs, count_params
 from inferno.errors import ConfigError
 from inferno.search.loop import Budget, SearchLoop, spec_summary
 from inferno.search.moves import rebuild
+from inferno.training import check_epochs
+
+
+def check_width_choices(choices, key: str = "pruner.width_choices") -> list[float]:
+    if not choices or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 for f in choices):
+        raise ConfigError(f"{key}: {list(choices or [])} must be a non-empty list of fractions in (0, 1]")
+    return list(choices)
 
 
 def scale_width(n: int, f: float) -> int:
@@ -42,10 +51,23 @@ def sample_arch(rng: random.Random, spec: dict, width_choices, per_stage_depth: 
 class RandomSampling(SearchLoop):
     method = "random_sampling"
 
-    def __init__(self, epochs: int = 4, max_samples: int = 20, total_samples: int | None = None,
+    def __init__(self, epochs: int | None = None, max_samples: int = 20, total_samples: int | None = None,
                  match: dict | None = None, width_choices=(1.0, 0.75, 0.5), per_stage_depth: bool = False,
                  max_tries: int = 2000, **kw):
         super().__init__(**kw)
+        check_epochs("pruner.epochs", epochs, allow_none=True)
+        check_width_choices(width_choices)
+        for key, v in (("max_samples", max_samples), ("max_tries", max_tries)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"pruner.{key}: {v!r} must be an integer >= 1")
+        if total_samples is not None and total_samples <= 0:
+            raise ConfigError(f"pruner.total_samples: {total_samples} must be positive (or null)")
+        unknown = set(match or {}) - {"method", "multiple", "include_start"}
+        if unknown:
+            raise ConfigError(f"pruner.match: unknown key(s) {', '.join(sorted(unknown))}; allowed: method, multiple, "
+                              "include_start")
+        if match and match.get("method") and not float(match.get("multiple", 1.0)) > 0:
+            raise ConfigError(f"pruner.match.multiple: {match.get('multiple')} must be positive")
         self.epochs, self.max_samples, self.total_samples = epochs, max_samples, total_samples
         self.match = dict(match or {})
         self.width_choices, self.per_stage_depth, self.max_tries = list(width_choices), per_stage_depth, max_tries
@@ -69,10 +91,14 @@ class RandomSampling(SearchLoop):
                  "start_spec": start.spec(), "total_samples": total, "best_val": None}
         return state, {}
 
+    def sample_epochs(self, ctx) -> float:
+        """Epochs per sample: ``epochs``, or the start model's (``train.dense_epochs``) when null."""
+        return self.epochs if self.epochs is not None else ctx.cfg.train.dense_epochs
+
     def done(self, ctx, state, nets):
         if state["step"] >= self.max_samples:
             return True
-        per_sample = self.epochs * ctx.samples_per_epoch()
+        per_sample = self.sample_epochs(ctx) * ctx.samples_per_epoch()
         return state["total_samples"] is not None and state["cost"]["samples"] + per_sample > state["total_samples"]
 
     def sample(self, ctx, state) -> tuple[dict, object]:
@@ -91,7 +117,7 @@ class RandomSampling(SearchLoop):
         cost = TrainingCost(**state["cost"])
         self.seed(ctx, state["step"])  # initialisation depends only on the sample's index
         net = rebuild(net)
-        p = self.train_and_record(ctx, state, net, self.epochs, cost, ("sample", state["step"]), state["step"] + 1,
+        p = self.train_and_record(ctx, state, net, self.sample_epochs(ctx), cost, ("sample", state["step"]), state["step"] + 1,
                                   {"phase": "sample", "arch": spec_summary(net), "choice": choice})
         state["cost"] = vars(cost)
         if state["best_val"] is None or p.extra["val_value"] > state["best_val"]:

@@ -9,8 +9,10 @@ SE reduction, which computes exactly the function of the sliced sub-network). Pr
 distilled from the frozen largest network (KL at temperature ``kd_temperature``, weight ``kd_weight``).
 Then ``candidates`` random sub-networks within the budget (plus the largest one within it) are extracted,
 their BatchNorm statistics recalibrated, evaluated on the validation split; the best is fine-tuned.
-Its training cost is the start model's, the whole supernet training (the teacher's forwards included in
-``train_macs``), and the fine-tuning.
+Its training cost (``train_samples``/``train_macs``) is the start model's, the whole supernet training (the
+teacher's forwards included in ``train_macs``) and the fine-tuning: the cost when the user trains the supernet
+on the task. ``deploy_samples``/``deploy_macs`` is the fine-tuning alone: the thesis' "data-center
+pre-training" view, where the supernet was pretrained elsewhere and its cost is not the user's.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from inferno.errors import ConfigError
 from inferno.models.microcnn import MicroCNN
 from inferno.search.loop import Budget, SearchLoop, spec_summary
 from inferno.search.moves import leading_slice_transfer
-from inferno.search.random_sampling import sample_arch, scale_spec, scale_width
-from inferno.training import ClassificationModule
+from inferno.search.random_sampling import check_width_choices, sample_arch, scale_spec, scale_width
+from inferno.training import ClassificationModule, check_epochs
 
 PHASES = ("depth", "width", "search")
 
@@ -139,6 +141,18 @@ class Supernet(SearchLoop):
                  width_choices=(1.0, 0.75, 0.5), kd_weight: float = 0.5, kd_temperature: float = 2.0,
                  recalibration_batches: int = 8, **kw):
         super().__init__(**kw)
+        for key, v in (("depth_epochs", depth_epochs), ("width_epochs", width_epochs),
+                       ("finetune_epochs", self.finetune_epochs)):
+            check_epochs(f"pruner.{key}", v)
+        check_width_choices(width_choices)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise ConfigError(f"pruner.candidates: {candidates!r} must be an integer >= 1")
+        if not 0 <= kd_weight <= 1:
+            raise ConfigError(f"pruner.kd_weight: {kd_weight} must lie in [0, 1]")
+        if not kd_temperature > 0:
+            raise ConfigError(f"pruner.kd_temperature: {kd_temperature} must be positive")
+        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) or recalibration_batches < 0:
+            raise ConfigError(f"pruner.recalibration_batches: {recalibration_batches!r} must be an integer >= 0")
         self.depth_epochs, self.width_epochs, self.candidates = depth_epochs, width_epochs, candidates
         self.width_choices = list(width_choices)
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
@@ -234,8 +248,14 @@ class Supernet(SearchLoop):
 
     def finish(self, ctx, state, nets):
         net, cost = nets["chosen"], TrainingCost(**state["cost"])
-        self.train_and_record(ctx, state, net, self.finetune_epochs, cost, ("final",), len(PHASES),
-                              {"phase": "final", "arch": spec_summary(net), "choice": state["chosen"],
-                               "candidates": state.get("candidates_evaluated")})
+        before = cost.macs
+        p = self.train_and_record(ctx, state, net, self.finetune_epochs, cost, ("final",), len(PHASES),
+                                  {"phase": "final", "arch": spec_summary(net), "choice": state["chosen"],
+                                   "candidates": state.get("candidates_evaluated")})
+        # the "data-center pre-training" view: the supernet was trained elsewhere, the user pays the fine-tuning
+        deploy = {"deploy_samples": p.extra["own_samples"], "deploy_macs": cost.macs - before}
+        state["points"][-1]["extra"].update(deploy)
+        ctx.tracker.update(p, **deploy)
         ctx.save_net(net, "supernet_final")
-        ctx.results[self.label] = {"train_samples": cost.samples, "train_macs": cost.macs, "limits": state["limits"]}
+        ctx.results[self.label] = {"train_samples": cost.samples, "train_macs": cost.macs, "limits": state["limits"],
+                                    "value": p.value, **deploy}

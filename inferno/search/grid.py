@@ -1,0 +1,123 @@
+"""``pruner=grid``: the INFERNO thesis' baseline, a grid of fully trained architectures.
+
+Every MicroCNN(B, D, W) with B <= the start model's stages, D <= its depth and W <= its width (or the
+``stages``/``depths``/``widths`` given), C unchanged, whose cost fits the budget is trained once from
+scratch with the start model's recipe (``train``, ``epochs`` default ``train.dense_epochs``). Each
+configuration is a point (columns ``B``, ``D``, ``W``, ``under_budget``; ``train_samples`` cumulative in the
+grid's training order, seeded-shuffled by default so that "cost until a match" is not biased by size);
+the run's results hold the thesis' view: the mean accuracy under the budget and the Pareto front.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import asdict
+
+from inferno.cost import TrainingCost, count_macs, count_params
+from inferno.errors import ConfigError
+from inferno.search.loop import Budget, SearchLoop, spec_summary
+from inferno.search.moves import check_choice
+from inferno.training import check_epochs
+
+ORDERS = ("shuffled", "macs")
+
+
+def pareto_indices(costs: list[float], values: list[float]) -> list[int]:
+    """Indices of the points no other point beats (cost <= and value >, or cost < and value >=), by cost."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -values[i]))
+    front, best = [], float("-inf")
+    for i in order:
+        if values[i] > best:
+            front.append(i)
+            best = values[i]
+    return front
+
+
+class Grid(SearchLoop):
+    method = "grid"
+
+    def __init__(self, epochs: float | None = None, stages: list[int] | None = None, depths: list[int] | None = None,
+                 widths: list[int] | None = None, order: str = "shuffled", **kw):
+        super().__init__(**kw)
+        check_epochs("pruner.epochs", epochs, allow_none=True)
+        check_choice("pruner.order", order, ORDERS)
+        for key, v in (("stages", stages), ("depths", depths), ("widths", widths)):
+            if v is not None and (not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v)):
+                raise ConfigError(f"pruner.{key}: {v!r} must be null or a non-empty list of integers >= 1")
+        if not self.budget.limits({k: 1.0 for k in ("macs", "params", "latency_ms")}):
+            raise ConfigError("pruner.budget: set macs or params")
+        if self.budget.latency_ms is not None:
+            raise ConfigError("pruner.budget.latency_ms: grid checks budgets before training; use macs or params")
+        self.epochs, self.stages, self.depths, self.widths, self.order = epochs, stages, depths, widths, order
+
+    def space(self, ctx) -> list[tuple[int, int, int]]:
+        m = ctx.cfg.model
+        if not all(k in m for k in ("stages", "depth", "width", "base_channels")) or not isinstance(m.depth, int):
+            raise ConfigError(f"pruner: grid enumerates MicroCNN(B, D, W) with one depth for every stage; model "
+                              f"{m.name} is not one (use model=microcnn with an integer model.depth)")
+        return list(itertools.product(self.stages or range(1, m.stages + 1), self.depths or range(1, m.depth + 1),
+                                      self.widths or range(1, m.width + 1)))
+
+    def build(self, ctx, b: int, d: int, w: int):
+        m = ctx.cfg.model
+        return type(ctx.net)(stages=b, depth=d, width=w, base_channels=m.base_channels,
+                             se_reduction=m.get("se_reduction", 16), **ctx.net.config)
+
+    def start(self, ctx):
+        dense, cost = ctx.dense()
+        p = ctx.dense_point
+        limits = self.budget.limits({"macs": p.macs, "params": p.params, "latency_ms": p.latency_ms})
+        x = ctx.example()
+        configs = []
+        for b, d, w in self.space(ctx):
+            net = self.build(ctx, b, d, w)
+            figures = {"macs": count_macs(net, x), "params": count_params(net)}
+            if Budget.fits(figures, limits):
+                configs.append([b, d, w])
+        if not configs:
+            raise ConfigError(f"pruner.budget: no MicroCNN(B, D, W) of the grid fits {limits}")
+        if self.order == "shuffled":
+            random.Random(int(ctx.cfg.seed) * 7919 + 17).shuffle(configs)
+        else:
+            configs.sort(key=lambda c: count_macs(self.build(ctx, *c), x))
+        state = {"dense_cost": vars(cost), "cost": vars(TrainingCost()), "limits": limits, "configs": configs,
+                 "points": [asdict(p)]}
+        return state, {"dense": dense}  # kept so that a resumed run replays the start model's point
+
+    def done(self, ctx, state, nets):
+        return state["step"] >= len(state["configs"])
+
+    def step(self, ctx, state, nets):
+        b, d, w = state["configs"][state["step"]]
+        self.seed(ctx, "grid", b, d, w)  # initialisation depends only on the configuration
+        net = self.build(ctx, b, d, w)
+        cost = TrainingCost(**state["cost"])
+        epochs = self.epochs if self.epochs is not None else ctx.cfg.train.dense_epochs
+        self.train_and_record(ctx, {**state, "dense_cost": vars(TrainingCost())}, net, epochs, cost, ("grid", b, d, w),
+                              state["step"] + 1, {"phase": "config", "B": b, "D": d, "W": w, "under_budget": True,
+                                                  "arch": spec_summary(net)})
+        state["cost"] = vars(cost)
+
+    def finish(self, ctx, state, nets):
+        rows = [r for r in state["points"] if r["method"] == self.method]
+        values = [r["value"] for r in rows]
+        front = pareto_indices([r["macs"] for r in rows], values)
+        best_val = max(range(len(rows)), key=lambda i: rows[i]["extra"]["val_value"])
+        ctx.results[self.label] = {
+            "train_samples": state["cost"]["samples"], "train_macs": state["cost"]["macs"], "configs": len(rows),
+            "mean_value": sum(values) / len(values), "best_val_value": rows[best_val]["value"],
+            "best_val_arch": rows[best_val]["extra"]["arch"], "limits": state["limits"],
+            "pareto": [{k: rows[i]["extra"][k] for k in ("B", "D", "W")} | {"macs": rows[i]["macs"], "value": values[i]}
+                       for i in front],
+        }
+        ctx.log(f"grid: {len(rows)} configurations under {state['limits']}: mean {self.metric(ctx)} "
+                f"{ctx.results[self.label]['mean_value']:.4f}, Pareto front of {len(front)}")
+
+    def objective(self, ctx) -> float | None:
+        """What a sweeper optimises: the test quality of the configuration with the best validation quality."""
+        return (ctx.results.get(self.label) or {}).get("best_val_value")
+
+    @staticmethod
+    def metric(ctx) -> str:
+        return ctx.cfg.task.metric
