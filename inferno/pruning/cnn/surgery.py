@@ -15,7 +15,13 @@ from torch import nn
 
 from inferno.errors import ConfigError
 
-IMPORTANCES = ("l1", "l2", "taylor", "random")
+# l1 / l2: Torch-Pruning's group magnitude (every coupled layer's slice of a channel: the conv's filter, its
+# BatchNorm scale, the consumers' input columns; averaged over the layers, divided by the group's mean).
+# group_norm: Torch-Pruning's GroupMagnitudeImportance(p=2), DepGraph's group norm, the name its benchmarks use
+# (in the pinned Torch-Pruning 1.6 MagnitudeImportance is an alias of it, so it ranks exactly like l2).
+# filter_l1 / filter_l2: the root conv's filter norm alone (Li et al. 2017), the rest of the group ignored.
+# taylor: |w * dL/dw| per channel, averaged over the group's layers (needs gradients); random: random scores.
+IMPORTANCES = ("l1", "l2", "group_norm", "filter_l1", "filter_l2", "taylor", "random")
 
 
 def importance(name: str):
@@ -23,6 +29,10 @@ def importance(name: str):
         return tp.importance.MagnitudeImportance(p=1)
     if name == "l2":
         return tp.importance.MagnitudeImportance(p=2)
+    if name == "group_norm":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name in ("filter_l1", "filter_l2"):
+        return tp.importance.GroupMagnitudeImportance(p=int(name[-1]), group_reduction="first")
     if name == "taylor":
         return tp.importance.TaylorImportance()
     if name == "random":
