@@ -48,6 +48,15 @@ def build_node(node: DictConfig, group: str, **kwargs):
         fields = OmegaConf.to_container(node, resolve=True)  # resolved here, where the root is in reach
         return instantiate(OmegaConf.create({k: v for k, v in fields.items() if k not in META_KEYS[group]}), **kwargs)
     except InstantiationException as e:  # keep our one-line message rather than Hydra's wrapper
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, ValueError):  # a builder's bad-value error: one line naming the group
+            raise ConfigError(config_message(group, cause)) from cause
         raise
+
+
+def config_message(group: str, error: Exception) -> str:
+    """``error``'s message on one line, prefixed with ``group: `` unless it already names a key of the group."""
+    msg = " ".join(str(error).split()) or type(error).__name__
+    return msg if msg.startswith((f"{group}:", f"{group}.")) else f"{group}: {msg}"

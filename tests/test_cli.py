@@ -1,15 +1,19 @@
 """The CLI contract: composition, --help, bad values, outputs of a run, multirun, loggers."""
 
+import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from inferno.config import build, build_node, config_message
 from inferno.errors import ConfigError
 from inferno.run import run, validate
 from inferno.tracking import COLUMNS, read_points
@@ -68,6 +72,8 @@ def test_help_lists_every_group():
     for option in ("microcnn", "resnet20", "digits", "mnist", "uniform", "greedy_layerwise", "random_sampling",
                    "supernet", "compare", "greedy_vs_random", "cpu", "gpu", "ddp", "wandb", "csv", "none", "thesis_cnn"):
         assert option in out, option
+    for example in help_examples():  # the footer (each line tested by test_help_example_composes)
+        assert example in out, example
 
 
 def test_cfg_job_prints_composition():
@@ -81,6 +87,72 @@ def test_bad_ratio_fails_with_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last == "error: pruner.ratios: ratio 1.5 is outside [0, 1)"
     assert "Traceback" not in r.stderr
+
+
+def test_builder_value_error_becomes_config_error(compose_cfg):
+    cfg = compose_cfg("model.stages=0")
+    with pytest.raises(ConfigError) as e:
+        build(cfg, "model")
+    msg = str(e.value)
+    assert msg.startswith("model: MicroCNN needs stages >= 1") and "\n" not in msg
+    # a builder's message that does not name the group gets the group's name in front, on one line
+    node = OmegaConf.create({"_target_": "fractions.Fraction", "_args_": ["half"]})
+    with pytest.raises(ConfigError, match=r"^model: Invalid literal for Fraction: 'half'$"):
+        build_node(node, "model")
+    assert config_message("pruner", ValueError("pruner.budget: bad\n  value")) == "pruner.budget: bad value"
+
+
+def test_builder_value_error_fails_with_one_line(tmp_path):
+    r = cli("model.stages=0", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: model: MicroCNN needs stages >= 1, one depth >= 1 per stage and width >= 1; "
+        "got stages=0, depth=2, width=2")
+    assert "Traceback" not in r.stderr and "InstantiationException" not in r.stderr
+
+
+@pytest.mark.parametrize("args, key", [(("pruner.nonexistent=1",), "pruner.nonexistent"), (("model=nope",), "model/nope")])
+def test_composition_errors_have_no_traceback(args, key):
+    # Hydra reports these itself (exit 1, no traceback; model=nope also lists the options)
+    r = cli(*args)
+    assert r.returncode == 1 and key in r.stderr and "Traceback" not in r.stderr
+
+
+def help_examples() -> list[str]:
+    footer = OmegaConf.load(ROOT / "conf" / "config.yaml").hydra.help.footer
+    return [line.split("#")[0].strip() for line in footer.splitlines() if line.strip().startswith("python -m inferno")]
+
+
+def test_help_has_examples():
+    examples = help_examples()
+    assert len(examples) >= 8
+    for needed in ("pruner=greedy_thesis", "pruner=grid", "pruner=uniform pruner.ratios=[0.5]", "experiment=thesis_cnn"):
+        assert any(needed in e for e in examples), needed
+    assert any(e.split()[3:4] == ["-m"] for e in examples)  # a multirun
+
+
+@pytest.mark.parametrize("example", help_examples())
+def test_help_example_composes(compose_cfg, example):
+    """Every example line of --help's footer composes (what `<line> --cfg job` does; a multirun line once per
+    combination of its sweeps), passes validate and builds its pruner."""
+    args = shlex.split(example)[3:]
+    if args[-2:] == ["--cfg", "job"]:
+        args = args[:-2]
+    multirun = args[:1] in (["-m"], ["--multirun"])
+    args = args[1:] if multirun else args
+    assert not any(a.startswith("-") for a in args), f"unhandled flag in {example!r}"
+    for a in args:
+        if a.startswith("pruner=") and not (ROOT / "conf" / "pruner" / f"{a[7:]}.yaml").exists():
+            pytest.skip(f"conf/pruner/{a[7:]}.yaml does not exist yet (being added)")
+    choices = []
+    for o in OverridesParser.create().parse_overrides(args):
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices.append([f"{o.get_key_element()}={v}" for v in values])
+    assert multirun == any(len(c) > 1 for c in choices), "sweeps (a,b) need -m, and -m lines should sweep"
+    for overrides in itertools.product(*choices):
+        cfg = compose_cfg(*overrides)
+        validate(cfg)
+        assert build(cfg, "pruner") is not None
 
 
 def test_missing_data_file_names_key(tmp_path):

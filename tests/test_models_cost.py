@@ -5,11 +5,14 @@ import copy
 import pytest
 import torch
 
+from inferno.config import build
 from inferno.cost import TrainingCost, count_macs, count_params, measure, peak_memory_mb
 from inferno.errors import ConfigError
 from inferno.models.microcnn import MicroCNN
 from inferno.models.resnet20 import ResNet20
 from inferno.pruning.cnn.surgery import prune_channels
+from inferno.search.moves import rebuild
+from inferno.search.supernet import ElasticMicroCNN
 
 
 def conv_macs(cin, cout, k, hw):
@@ -37,10 +40,68 @@ def test_microcnn_shapes_and_thesis_scale():
         m = MicroCNN(3, 2, 1, 16, stem_stride=stride, in_channels=3 if size == 256 else 1, num_classes=7)
         x = torch.zeros(2, 3 if size == 256 else 1, size, size)
         assert m(x).shape == (2, 7)
-    # (B, D, W) = (1, 1, 1), C = 64 at 3x256x256: stem stride 4 gives 15.79 M MACs = 31.6 MFLOPs,
-    # the scale of the thesis' "about 32.1 M" (which counts FLOPs, or the stem differently).
-    m = MicroCNN(1, 1, 1, 64, stem_stride=4, in_channels=3, num_classes=1000)
-    assert 15.7e6 < count_macs(m, torch.zeros(1, 3, 256, 256)) < 15.9e6
+    # (B, D, W) = (1, 1, 1), C = 64, the thesis' stem (3x3, stride 3, padding 3), 5 classes, 3x256x256:
+    # stem 256 -> 87, max-pool 87 -> 44; conv and linear MACs only.
+    m = MicroCNN(1, 1, 1, 64, stem_stride=3, stem_padding=3, in_channels=3, num_classes=5)
+    convs = (87 * 87 * 64 * 3 * 9  # stem
+             + 44 * 44 * (64 * 16 + 16 * 16 * 9 + 16 * 64 + 64 * 64)  # conv1, conv2, conv3, projection shortcut
+             + 64 * 4 * 2 + 64 * 5)  # SE reduce + expand, head
+    assert count_macs(m, torch.zeros(1, 3, 256, 256)) == convs == 29_435_392
+    # The reference code's table (ptflops, 5 classes) says 32,116,485 for (1, 1, 1): the same convs plus ptflops'
+    # counts of BN (2 per element), ReLU and pooling inputs (1 per element) and the head's bias, exactly.
+    bn = 2 * (87 * 87 * 64 + 44 * 44 * (16 + 16 + 64 + 64))
+    relu_pools = 87 * 87 * 64 + 87 * 87 * 64 + 44 * 44 * 64  # stem ReLU, max-pool input, SE average-pool input
+    assert convs + bn + relu_pools + 5 == 32_116_485
+
+
+def test_microcnn_thesis_macs_match_hand_count(compose_cfg):
+    """model=microcnn_thesis at 3x256x256 (5 classes, as in the thesis' reference runs): every conv and linear
+    counted by hand. Conv MACs = H_out * W_out * C_out * C_in * k * k / groups; H_out = (H + 2p - k) // s + 1."""
+    cfg = compose_cfg("model=microcnn_thesis", "model.in_channels=3", "model.num_classes=5")
+    m = cfg.model
+    assert (m.stages, m.depth, m.width, m.base_channels) == (5, 5, 4, 64)
+    assert (m.stem_kernel, m.stem_stride, m.stem_padding) == (3, 3, 3)
+    net = build(cfg, "model")
+    stem = net.stem[0]
+    assert (stem.kernel_size, stem.stride, stem.padding) == ((3, 3), (3, 3), (3, 3))
+
+    def conv(hw, cin, cout, k, groups=1):
+        return hw * hw * cout * cin * k * k // groups
+
+    # stem conv: (256 + 2*3 - 3) // 3 + 1 = 87; max-pool 3/2, padding 1: (87 + 2 - 3) // 2 + 1 = 44
+    # a stage's first block after the first: 3x3 conv stride 2 padding 1, and its 1x1 stride-2 shortcut, give
+    # (44 + 2 - 3) // 2 + 1 = 22 = (44 - 1) // 2 + 1; 22 -> 11; 11 -> (11 - 1) // 2 + 1 = 6; 6 -> 3
+    sizes = [44, 22, 11, 6, 3]
+    expected = conv(87, 3, 64, 3)  # stem
+    cin, hw_in = 64, 44
+    for i, hw in enumerate(sizes):
+        out = 64 * 4 * 2**i  # C * W * 2^i
+        mid, se = out // 4, out // 16
+        for j in range(5):  # D blocks
+            expected += conv(hw_in, cin, mid, 1)  # conv1 1x1, at the block's input size
+            expected += conv(hw, mid, mid, 3)  # conv2 3x3 (stride 2 on a stage's first block after the first)
+            expected += conv(hw, mid, out, 1)  # conv3 1x1
+            expected += out * se + se * out  # squeeze-and-excitation: two 1x1 convs on the pooled 1x1 map
+            if j == 0:
+                expected += conv(hw, cin, out, 1)  # projection shortcut (1x1, the stage's stride)
+            cin, hw_in = out, hw
+    expected += cin * 5  # head: 4096 -> 5
+    assert count_macs(net, torch.zeros(1, 3, 256, 256)) == expected
+    assert 4.0e9 < expected < 4.1e9  # the reference table's 4.09e9 "FLOPs" (ptflops MACs, BN and pools included)
+
+
+def test_stem_settings_survive_rebuilds():
+    # Search code rebuilds networks as type(net)(spec=..., **net.config): the stem must come back the same.
+    x = torch.zeros(1, 3, 40, 40)
+    net = MicroCNN(2, 1, 1, 8, stem_kernel=5, stem_stride=3, stem_padding=2, in_channels=3, num_classes=4)
+    assert net.config["stem_kernel"] == 5 and net.config["stem_padding"] == 2
+    elastic = ElasticMicroCNN(spec=net.spec(), **net.config)
+    for other in (rebuild(net), elastic, elastic.extract(None)):
+        conv = other.stem[0]
+        assert (conv.kernel_size, conv.stride, conv.padding) == ((5, 5), (3, 3), (2, 2))
+        assert count_macs(other, x) == count_macs(net, x) and other(x).shape == (1, 4)
+    with pytest.raises(ValueError, match="model: MicroCNN needs an integer stem_stride >= 1"):
+        MicroCNN(stem_stride=0)
 
 
 def test_microcnn_rejects_bad_arch():

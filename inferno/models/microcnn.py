@@ -1,10 +1,11 @@
 """MicroCNN(B, D, W): the CNN family of the INFERNO thesis (Noel 2024).
 
-A 3x3 conv stem to ``C`` channels (BN, ReLU, 3x3/2 max-pool), then ``B`` stages; stage ``i`` holds ``D``
-bottleneck residual blocks with ``C * W * 2**i`` output channels. Each block is 1x1 -> 3x3 -> 1x1 with a
-middle width of ``out / 4``, BN after every conv, Swish activations, a squeeze-and-excitation unit
-(reduction 16) and, on a stage's first block, a projection shortcut. The first block of every stage after
-the first downsamples by 2. Global average pooling and a linear head close the network.
+A conv stem to ``C`` channels (kernel ``stem_kernel``, stride ``stem_stride``, padding ``stem_padding``: 3 / 1 / 1 by
+default, 3 / 3 / 3 in the thesis' network for 3x256x256 inputs, ``model=microcnn_thesis``), BN, ReLU and a 3x3/2
+max-pool, then ``B`` stages; stage ``i`` holds ``D`` bottleneck residual blocks with ``C * W * 2**i`` output channels.
+Each block is 1x1 -> 3x3 -> 1x1 with a middle width of ``out / 4``, BN after every conv, Swish activations, a
+squeeze-and-excitation unit (reduction 16) and, on a stage's first block, a projection shortcut. The first block of
+every stage after the first downsamples by 2. Global average pooling and a linear head close the network.
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ class MicroCNN(nn.Module):
         in_channels: int = 1,
         num_classes: int = 10,
         se_reduction: int = 16,
+        stem_kernel: int = 3,
+        stem_padding: int = 1,
         spec: dict | None = None,
     ):
         super().__init__()
+        for key, v, low in (("stem_kernel", stem_kernel, 1), ("stem_stride", stem_stride, 1),
+                            ("stem_padding", stem_padding, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"model: MicroCNN needs an integer {key} >= {low}; got {key}={v!r}")
         if spec is None:
             depths = [depth] * stages if isinstance(depth, int) else list(depth)
             if stages < 1 or len(depths) != stages or min(depths) < 1 or width < 1 or base_channels < 1:
@@ -91,10 +98,12 @@ class MicroCNN(nn.Module):
                   "se": max(1, c * width * 2**i // se_reduction)}] * d
                 for i, d in enumerate(depths)
             ]}
-        self.config = {"stem_stride": stem_stride, "in_channels": in_channels, "num_classes": num_classes}
+        # everything but the widths: networks are rebuilt as type(net)(spec=..., **net.config)
+        self.config = {"stem_kernel": stem_kernel, "stem_stride": stem_stride, "stem_padding": stem_padding,
+                       "in_channels": in_channels, "num_classes": num_classes}
         c = spec["stem"]
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, c, 3, stride=stem_stride, padding=1, bias=False),
+            nn.Conv2d(in_channels, c, stem_kernel, stride=stem_stride, padding=stem_padding, bias=False),
             nn.BatchNorm2d(c),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
