@@ -155,7 +155,8 @@ class GreedyLayerwise(SearchLoop):
 def thesis_pick(b: tuple[float, bool] | None, d: tuple[float, bool] | None) -> str:
     """The thesis' selection between B-1 and D-1, each ``(score, above_threshold)`` or None when absent:
     B-1 if it is more accurate than D-1 and still above the threshold; else D-1 if it is above the
-    threshold; else the more accurate of the two (which is then below the threshold: the search stops)."""
+    threshold; else the more accurate of the two (which is then below the threshold: the search stops),
+    B-1 on a tie (as the reference code's ``else`` branch does)."""
     if b is None or d is None:
         if b is None and d is None:
             raise ValueError("thesis_pick: no child")
@@ -164,7 +165,13 @@ def thesis_pick(b: tuple[float, bool] | None, d: tuple[float, bool] | None) -> s
         return "drop_stage"
     if d[1]:
         return "drop_block"
-    return "drop_stage" if b[0] > d[0] else "drop_block"
+    return "drop_block" if d[0] > b[0] else "drop_stage"
+
+
+def above(figures: dict, limits: dict) -> bool:
+    """The thesis' "above the threshold": some figure at or over its limit (its search stops once the kept
+    model is strictly below)."""
+    return any(float(figures[k]) >= v for k, v in limits.items())
 
 
 class GreedyThesis(GreedyLayerwise):
@@ -209,6 +216,15 @@ class GreedyThesis(GreedyLayerwise):
     def val_history(self) -> bool:
         return True
 
+    def done(self, ctx, state, nets):
+        """Below the threshold, or nothing left to remove (B = D = 1: the reference code stops there too)."""
+        net = nets["current"]
+        if len(net.stages) == 1 and len(net.stages[0]) == 1:
+            if above(state["current"], state["limits"]):
+                ctx.log(f"{self.method}: {spec_summary(net)} is the smallest network and still above {state['limits']}")
+            return True
+        return not above(state["current"], state["limits"])
+
     def score(self, p, state) -> float:
         history = p.extra["val_history"][-self.score_epochs:]
         return sum(history) / len(history)
@@ -216,6 +232,6 @@ class GreedyThesis(GreedyLayerwise):
     def pick(self, scored, state) -> int:
         by_move = {}
         for i, (score, figures, p) in enumerate(scored):
-            by_move[p.extra["move"]] = (i, (score, not Budget.fits(figures, state["limits"])))
+            by_move[p.extra["move"]] = (i, (score, above(figures, state["limits"])))
         choice = thesis_pick(*(by_move[m][1] if m in by_move else None for m in ("drop_stage", "drop_block")))
         return by_move[choice][0]
