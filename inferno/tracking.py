@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import platform
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -22,6 +25,10 @@ COST_COLUMNS = ("effective_macs", "density")
 # Columns ``curve.png`` can plot quality against (``plot.x_axes``).
 AXES = ("macs", "effective_macs", "params", "latency_ms", "peak_mem_mb", "train_samples", "train_macs", "sparsity",
         "density", "wall_s")
+# Axes where more is cheaper (a front is then the best quality at >= x); on the others more costs more.
+BENEFIT_AXES = frozenset({"sparsity"})
+# Fractions in [0, 1]: plotted on a linear x axis.
+FRACTION_AXES = frozenset({"sparsity", "density"})
 HIGHER_IS_BETTER = {"accuracy": True, "acc": True, "acc_norm": True, "perplexity": False, "task_nll": False, "loss": False}
 
 
@@ -94,15 +101,32 @@ class Tracker:
             lg.log_metrics(numeric, step=len(self.points) - 1)
         return point
 
+    def update(self, point: Point, **extra) -> Point:
+        """Set extra columns on a point recorded earlier (e.g. ``selected=True`` on the child a greedy step
+        keeps) and rewrite ``points.csv`` with them. ``point`` is the object ``add`` returned (or one equal to
+        a recorded point); the loggers see the new values in the table logged at ``finish``."""
+        match = next((p for p in self.points if p is point), None)
+        if match is None:
+            match = next((p for p in self.points if p == point), None)
+        if match is None:
+            raise ValueError(f"Tracker.update: no recorded point {point.method} step {point.step} "
+                             f"(value {point.value})")
+        match.extra.update(extra)
+        self._rewrite(list(match.row()))
+        return match
+
     def _rewrite(self, new_keys: list[str]) -> None:
-        """A point with a new extra column: rewrite the file with the union of columns."""
+        """Rewrite the file with the union of columns (a point with a new extra column, or an updated point);
+        written beside and moved into place, so that a crash mid-write leaves the previous file."""
         names = list(self._fieldnames or COLUMNS + COST_COLUMNS)
         names += [k for k in new_keys if k not in names]
         self._fieldnames = names
-        with open(self.csv_path, "w", newline="") as f:
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, names)
             w.writeheader()
             w.writerows(p.row() for p in self.points)
+        os.replace(tmp, self.csv_path)
 
     def best(self) -> dict[str, dict]:
         """Best point per method on its own metric (the last point's metric, e.g. accuracy)."""
@@ -144,47 +168,212 @@ def versions() -> dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------- reading rows back (numbers or CSV strings)
 def _number(v) -> float | None:
+    """A finite float from a number or a CSV string; None for blanks, text, NaN and infinities."""
     try:
-        return float(v)
+        x = float(v)
     except (TypeError, ValueError):
         return None
+    return x if math.isfinite(x) else None
+
+
+def truthy(v) -> bool:
+    """A boolean column, as recorded (``True``) or read back from CSV (``"True"``, ``"False"``, blank)."""
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    if isinstance(v, float) and math.isnan(v):
+        return False
+    return bool(v)
+
+
+def series_label(row: dict) -> str:
+    """``method``, or ``method[variant]`` for a point with a ``variant``: one color and one front each."""
+    variant = row.get("variant")
+    return f"{row['method']}[{variant}]" if variant not in (None, "") else str(row["method"])
+
+
+def pareto_front(points: list[dict], x: str, higher_is_better: bool = True, y: str = "value",
+                 x_is_cost: bool | None = None) -> list[dict]:
+    """The points no other point beats: each strictly better on ``y`` than every other point of lower or
+    equal cost ``x`` (lower ``y`` is better when ``higher_is_better`` is false, e.g. perplexity; higher ``x``
+    is cheaper when ``x_is_cost`` is false, by default for ``BENEFIT_AXES`` such as sparsity). Of points
+    equal on both, the first in ``points`` stands for them. Points without a finite number on ``x`` or ``y``
+    are left out. Returns the given dicts (rows with numbers or CSV strings), sorted by increasing ``x``."""
+    if x_is_cost is None:
+        x_is_cost = x not in BENEFIT_AXES
+    sx, sy = (1.0 if x_is_cost else -1.0), (1.0 if higher_is_better else -1.0)
+    valid = []
+    for i, p in enumerate(points):
+        cx, cy = _number(p.get(x)), _number(p.get(y))
+        if cx is not None and cy is not None:
+            valid.append((sx * cx, sy * cy, i, p))
+    valid.sort(key=lambda t: (t[0], -t[1], t[2]))  # cheapest first, the best of equal cost first
+    front, best = [], -math.inf
+    for _, q, _, p in valid:
+        if q > best:
+            front.append(p)
+            best = q
+    return front if x_is_cost else front[::-1]
+
+
+def selected_path(rows: list[dict]) -> list[dict]:
+    """A search's chosen path: the rows marked ``selected`` plus its ``phase == "final"`` row, in ``step``
+    order; empty when no row is marked (a method that does not record a path)."""
+    if not any(truthy(r.get("selected")) for r in rows):
+        return []
+    path = [r for r in rows if truthy(r.get("selected")) or r.get("phase") == "final"]
+    return sorted(path, key=lambda r: (_number(r.get("step")) or 0.0, r.get("phase") == "final"))
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(k % cmap.N) for k, label in enumerate(labels)}
+
+
+def _scale_x(ax, x: str, xs: list[float]) -> None:
+    """Log-x for cost axes; fractions (sparsity, density) stay linear."""
+    if x not in FRACTION_AXES:
+        log_x(ax, xs)
+
+
+def log_x(ax, xs: list[float], eng: bool = True) -> None:
+    """Log-x over the positive values ``xs`` (symlog, linear below the smallest one, when there are zeros),
+    with short tick labels: engineering ones (3.7M, 200k) or, ``eng=False``, plain numbers (0.25); within a
+    decade every minor tick labelled, within two the 2x and 5x ones. Nothing to do without a positive value."""
+    from matplotlib.ticker import EngFormatter, FuncFormatter
+
+    positive = [v for v in xs if v is not None and v > 0]
+    if not positive:
+        return
+    if any(v is not None and v <= 0 for v in xs):
+        ax.set_xscale("symlog", linthresh=min(positive))
+    else:
+        ax.set_xscale("log")
+    fmt = EngFormatter(sep="") if eng else (lambda v, pos=None: f"{v:g}")
+
+    def minor(v, pos=None):
+        lo, hi = (max(abs(t), 1e-300) for t in ax.get_xlim())
+        decades = abs(math.log10(hi / lo))
+        if v <= 0 or decades > 2:
+            return ""
+        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
+        return fmt(v) if decades <= 1 or lead in (2, 5) else ""
+
+    ax.xaxis.set_major_formatter(fmt if eng else FuncFormatter(fmt))
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _limit_y(ax, shown: list[float], every: list[float], higher_is_better: bool) -> None:
+    """Zoom on the fronts and paths when faint points far worse would squash them; say how many are off-scale."""
+    if not shown or not every:
+        return
+    lo, hi = min(shown), max(shown)
+    pad = max(0.08 * (hi - lo), 0.002 * max(abs(hi), abs(lo)), 1e-9)
+    lo, hi = lo - pad, hi + pad
+    if max(every) - min(every) <= 2.5 * (hi - lo):
+        return
+    ax.set_ylim(lo, hi)
+    off = sum(1 for v in every if v < lo or v > hi)
+    if off:
+        ax.text(0.01, 0.01 if higher_is_better else 0.99, f"{off} worse point(s) off-scale", transform=ax.transAxes,
+                fontsize=7, color="0.4", va="bottom" if higher_is_better else "top")
+
+
+def _xy(rows: list[dict], x: str) -> tuple[list[float], list[float]]:
+    return [_number(r[x]) for r in rows], [_number(r["value"]) for r in rows]
 
 
 def plot_curve(rows: list[dict], path: str | Path, x_axes=("macs", "train_samples")) -> Path:
-    """Quality against each cost axis (one panel per axis, one line per method, log-x); points without a
-    value on an axis are left out of that panel."""
+    """Quality against each cost axis: one panel per metric and axis, one color per ``method[variant]``.
+    Per method: its Pareto front (best quality at <= cost) as a step line, its other points faint, a search's
+    selected path (``selected`` rows and its final, in step order, from the start model) dashed; the start
+    model (``dense``) a star; ``phase == "scratch_control"`` points hollow diamonds with their own legend
+    entry. Log-x (symlog with zeros); points without a number on an axis are left out of that panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    metrics = sorted({r["metric"] for r in rows}) or ["value"]
-    fig, axes = plt.subplots(len(metrics), len(x_axes), figsize=(5.5 * len(x_axes), 4 * len(metrics)), squeeze=False)
+    rows = [r for r in rows if _number(r.get("value")) is not None]
+    metrics = sorted({str(r["metric"]) for r in rows}) or ["value"]
+    colors = _colors(list(dict.fromkeys(series_label(r) for r in rows if r["method"] != "dense")))
+    fig, axes = plt.subplots(len(metrics), len(x_axes), figsize=(5.2 * len(x_axes), 3.9 * len(metrics)), squeeze=False)
+    legend: dict[str, Line2D] = {}
+    styles: set[str] = set()
     for i, metric in enumerate(metrics):
         for j, x in enumerate(x_axes):
-            ax = axes[i][j]
-            methods = dict.fromkeys(r["method"] for r in rows if r["metric"] == metric)
-            for method in methods:
-                pts = sorted(
-                    ((_number(r.get(x)), float(r["value"])) for r in rows if r["method"] == method and r["metric"] == metric
-                     and _number(r.get(x)) is not None),
-                    key=lambda t: t[0],
-                )
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, marker="o", label=method)
-            values = [v for r in rows if (v := _number(r.get(x))) is not None]
-            if any(v > 0 for v in values):
-                ax.set_xscale("symlog" if any(v == 0 for v in values) else "log")
-            ax.set_xlabel(x)
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            pts = [r for r in rows if r["metric"] == metric and _number(r.get(x)) is not None]
+            _panel(axes[i][j], pts, x, metric, colors, legend, styles)
+    key = {"front": Line2D([], [], color="0.3", lw=1.8, marker="o", ms=4, label="Pareto front (best at <= cost)"),
+           "path": Line2D([], [], color="0.3", lw=1.2, ls="--", marker="^", ms=5, label="selected path"),
+           "others": Line2D([], [], ls="none", color="0.3", alpha=0.4, marker="o", ms=3, label="other points")}
+    handles = list(legend.values()) + [h for k, h in key.items() if k in styles]
+    if handles:
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def _panel(ax, pts: list[dict], x: str, metric: str, colors: dict, legend: dict, styles: set) -> None:
+    """One panel of ``plot_curve``: ``pts`` (one metric, a number on ``x``); fills the shared legend."""
+    from matplotlib.lines import Line2D
+
+    hib = HIGHER_IS_BETTER.get(metric, True)
+    dense = [r for r in pts if r["method"] == "dense"]
+    shown: list[float] = []  # the values of what is drawn strongly: the y range zooms on them
+    for label in dict.fromkeys(series_label(r) for r in pts if r["method"] != "dense"):
+        c = colors[label]
+        mine = [r for r in pts if series_label(r) == label and r["method"] != "dense"]
+        main = [r for r in mine if r.get("phase") != "scratch_control"]
+        control = [r for r in mine if r.get("phase") == "scratch_control"]
+        front = pareto_front(main, x, hib)
+        on = {id(r) for r in front}
+        where = "post" if x not in BENEFIT_AXES else "pre"  # the best at <= cost (>= sparsity) holds until the next
+        others = [r for r in main if id(r) not in on]
+        if others:
+            ax.scatter(*_xy(others, x), s=10, color=c, alpha=0.25, linewidths=0, zorder=2)
+            styles.add("others")
+        if front:
+            fx, fy = _xy(front, x)
+            ax.step(fx, fy, where=where, color=c, lw=1.8, marker="o", ms=4, zorder=3)
+            shown += fy
+            styles.add("front")
+            legend.setdefault(label, Line2D([], [], color=c, lw=1.8, marker="o", ms=4, label=label))
+        chosen = selected_path(main)
+        if chosen:
+            px, py = _xy(dense + chosen if len(dense) == 1 else chosen, x)  # from the start model
+            ax.plot(px, py, ls="--", lw=1.2, color=c, marker="^", ms=5, zorder=4)
+            shown += py
+            styles.add("path")
+        if control:
+            cx, cy = _xy(control, x)
+            ax.scatter(cx, cy, marker="D", s=30, facecolors="none", edgecolors=[c], alpha=0.6, zorder=3)
+            shown += cy
+            name = f"{label} scratch control"
+            legend.setdefault(name, Line2D([], [], ls="none", marker="D", mfc="none", mec=c, alpha=0.6, label=name))
+    if dense:
+        dx, dy = _xy(dense, x)
+        ax.scatter(dx, dy, marker="*", s=150, color="black", edgecolors="white", linewidths=0.5, zorder=5)
+        shown += dy
+        legend.setdefault("dense", Line2D([], [], ls="none", marker="*", ms=11, color="black", label="dense"))
+    xs, ys = _xy(pts, x)
+    _scale_x(ax, x, xs)
+    if not hib and ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")  # perplexity blowing up at high sparsity
+    else:
+        _limit_y(ax, shown, ys, hib)
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
+    ax.set_title(f"{metric} vs {x}", fontsize=10)
+    ax.grid(alpha=0.3, which="both", lw=0.5)
+    if not pts:
+        ax.text(0.5, 0.5, f"no point has {x}", transform=ax.transAxes, ha="center", color="0.4")
 
 
 def _close(logger) -> None:
@@ -196,8 +385,29 @@ def _close(logger) -> None:
         logger.experiment.finish()
 
 
+def pareto_series(rows: list[dict], x_axes=("macs",)) -> list[tuple[str, str, str, list[list[float]]]]:
+    """``(label, metric, x, [[x, value], ...])``: the Pareto front of each ``method[variant]`` per metric and
+    axis (scratch controls left out), by increasing ``x``."""
+    out = []
+    for label in dict.fromkeys(series_label(r) for r in rows):
+        mine = [r for r in rows if series_label(r) == label and r.get("phase") != "scratch_control"]
+        for metric in dict.fromkeys(r["metric"] for r in mine):
+            sub = [r for r in mine if r["metric"] == metric]
+            for x in x_axes:
+                front = pareto_front(sub, x, HIGHER_IS_BETTER.get(metric, True))
+                if front:
+                    out.append((label, metric, x, [[_number(r[x]), _number(r["value"])] for r in front]))
+    return out
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_")
+
+
 def _log_tables(logger, points: list[Point], png: Path, x_axes=("macs",)) -> None:
-    """W&B gets a table of all points, a quality-vs-cost plot per method and axis, and the rendered curve."""
+    """W&B gets a table of all points (every column), the rendered curve, and per method, metric and axis
+    its Pareto front as a line plot (``pareto/<method>/<metric>_vs_<x>``), plus all fronts of a metric and
+    axis in one plot (``pareto/<metric>_vs_<x>``, one line per method)."""
     from lightning.pytorch.loggers import WandbLogger
 
     if not isinstance(logger, WandbLogger) or not points:
@@ -205,15 +415,17 @@ def _log_tables(logger, points: list[Point], png: Path, x_axes=("macs",)) -> Non
     import wandb
 
     rows = [p.row() for p in points]
-    cols = list(COLUMNS + COST_COLUMNS)
-    table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows], allow_mixed_types=True)
     payload: dict[str, Any] = {"points": table, "curve": wandb.Image(str(png))}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        for metric in dict.fromkeys(r["metric"] for r in rows if r["method"] == method):
-            for x in x_axes:
-                sub = [[r[x], r["value"]] for r in rows if r["method"] == method and r["metric"] == metric
-                       and _number(r.get(x)) is not None]
-                t = wandb.Table(columns=[x, metric], data=sub)
-                payload[f"plots/{method}_{metric}_vs_{x}"] = wandb.plot.line(t, x, metric, title=f"{method}: {metric} vs {x}")
+    together: dict[tuple[str, str], list[list]] = {}
+    for label, metric, x, data in pareto_series(rows, x_axes):
+        t = wandb.Table(columns=[x, metric], data=data)
+        payload[f"pareto/{_key(label)}/{_key(metric)}_vs_{x}"] = wandb.plot.line(
+            t, x, metric, title=f"{label}: Pareto front, {metric} vs {x}")
+        together.setdefault((metric, x), []).extend([label, *xy] for xy in data)
+    for (metric, x), data in together.items():
+        t = wandb.Table(columns=["method", x, metric], data=data)
+        payload[f"pareto/{_key(metric)}_vs_{x}"] = wandb.plot.line(t, x, metric, stroke="method",
+                                                                   title=f"Pareto fronts: {metric} vs {x}")
     logger.experiment.log(payload)
-
