@@ -1,22 +1,36 @@
-"""The one search loop that greedy layer-wise pruning, random sampling and the supernet share:
+"""The one search loop that greedy layer-wise pruning, random sampling, the supernet and the grid share:
 propose -> transfer -> fine-tune -> evaluate -> select, one step at a time, with the state saved after
 every step so that rerunning the same command after a crash continues where it stopped and ends with the
 same result (bit-identical weights on CPU: every training run is seeded by its place in the search).
+
+Resuming is trusted only when nothing that changes the result changed: the state directory is named by a
+digest (:func:`state_key`) of the resolved model, task (not where its data lies), training recipe, hardware
+settings, seed and pruner options, of the sha256 of every data file the task reads, and of the code (the
+installed ``inferno`` version and its sources). A step's save is atomic as a whole (:class:`StateStore`), and
+every replayed point carries ``resumed=True`` (points computed by the process: ``resumed=False``).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
+import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from inferno.cost import TrainingCost
@@ -24,6 +38,9 @@ from inferno.errors import ConfigError
 from inferno.tracking import Point
 
 BUDGET_KEYS = ("macs", "params", "latency_ms")
+# ``hardware`` keys that change how a run looks, never what it computes: left out of the state key.
+PRESENTATIONAL_HARDWARE = ("progress_bar",)
+DIGEST_CACHE = "file_digests.json"  # in ``paths.state_dir``: sha256 per (path, size, mtime, ctime)
 
 
 class SearchInterrupted(RuntimeError):
@@ -51,9 +68,136 @@ class Budget:
         return all(float(figures[k]) <= v for k, v in limits.items())
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds either its old content or all of ``data``, whatever kills the process (a unique
+    temporary name beside it, flushed to disk, then renamed over it)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_DIGESTS: dict[str, str] = {}  # this process's file digests, keyed like the on-disk cache
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def file_digest(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """sha256 of a file's bytes, cached per (absolute path, size, mtime, ctime): in the process, and in
+    ``cache_dir/file_digests.json`` across processes, so a large data file is read once, not per run."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        return "missing"
+    key = _stat_key(path)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    disk: dict = {}
+    cache = Path(cache_dir) / DIGEST_CACHE if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        try:
+            disk = json.loads(cache.read_text())
+        except (OSError, ValueError):  # unreadable cache: recompute, rewrite
+            disk = {}
+    digest = disk.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if cache is not None:
+            disk = {k: v for k, v in disk.items() if not k.startswith(f"{path}|")}  # drop the file's stale entries
+            disk[key] = digest
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                _write_atomic(cache, json.dumps(disk, indent=0, sort_keys=True).encode())
+            except OSError:  # a read-only state dir only costs the re-hash next time
+                pass
+    _DIGESTS[key] = digest
+    return digest
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """What identifies the code computing a search: the installed ``inferno`` version, a sha256 of the
+    ``inferno`` package's ``.py`` sources (so a bug fix never replays an answer the old code gave) and the
+    versions of the numerical libraries under it. Computed once per process (the code it runs is fixed)."""
+    root = Path(__file__).resolve().parents[1]  # the inferno package
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        version = importlib.metadata.version("inferno")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"inferno": version, "source_sha256": h.hexdigest(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "lightning": L.__version__, "numpy": np.__version__}
+
+
+def data_digests(task, cache_dir: str | Path | None = None) -> dict[str, str]:
+    """sha256 of every file ``task`` reads (its ``data_files()``), keyed by file name: what the data is,
+    not where it lies (a moved data folder resumes; a changed byte starts afresh)."""
+    out = {}
+    for f in (task.data_files() if hasattr(task, "data_files") else []):
+        f = Path(f)
+        out[f.name if f.name not in out else f"{f.parent.name}/{f.name}"] = file_digest(f, cache_dir)
+    return out
+
+
+def state_key(cfg, task, options: dict) -> dict:
+    """Everything that changes a search's result, as JSON: the resolved ``model`` (a checkpoint by its
+    content), ``task`` (its data by content, not ``data_dir``), ``train``, ``hardware`` (but
+    ``PRESENTATIONAL_HARDWARE``), ``seed``, the pruner's ``options``, the data files' and the code's digests."""
+    def node(name):
+        return OmegaConf.to_container(cfg[name], resolve=True) if cfg.get(name) is not None else None
+
+    key = {name: node(name) for name in ("model", "task", "train", "hardware")}
+    cache_dir = cfg.paths.state_dir if cfg.get("paths") is not None else None
+    if key["task"]:
+        key["task"].pop("data_dir", None)  # where the data lies does not change the search; what it is does
+    if key["model"] and key["model"].get("checkpoint"):
+        key["model"]["checkpoint"] = file_digest(key["model"]["checkpoint"], cache_dir)
+    if key["hardware"]:
+        key["hardware"] = {k: v for k, v in key["hardware"].items() if k not in PRESENTATIONAL_HARDWARE}
+        key["hardware"]["torch_threads"] = torch.get_num_threads()  # what num_threads=null resolved to here
+    key["seed"] = cfg.get("seed")
+    key["search"] = json.loads(json.dumps(options, default=str))
+    key["data"] = data_digests(task, cache_dir)
+    key["code"] = code_version()
+    return key
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class StateStore:
-    """A search's state on disk: ``state.json`` (scalars, the points so far) and one safetensors file
-    per network (weights; its ``spec`` goes in the JSON so it can be rebuilt)."""
+    """A search's state on disk: ``state.json`` (scalars, the points so far) and one safetensors file per
+    network (weights; its ``spec`` goes in the JSON so it can be rebuilt).
+
+    A save is atomic as a whole: network files are named by their content (``<sha256>.safetensors``, never
+    overwritten with other weights), ``state.json`` names the files of its step and replaces the
+    previous one in one rename, and only then are the files no ``state.json`` names any more removed. A
+    process killed anywhere in between leaves the previous step's ``state.json`` beside the very files it
+    names; ``load`` ignores leftovers and the next ``save`` sweeps them."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -61,18 +205,29 @@ class StateStore:
     def exists(self) -> bool:
         return (self.path / "state.json").is_file()
 
-    def save(self, state: dict, nets: dict[str, nn.Module]) -> None:
+    def save(self, state: dict, nets: dict[str, nn.Module], key: dict | None = None) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        if key is not None and not (self.path / "key.json").is_file():  # what the directory's digest is of
+            _write_atomic(self.path / "key.json", json.dumps(key, indent=1, sort_keys=True, default=str).encode())
         specs = {}
         for name, net in nets.items():
-            tmp = self.path / f"{name}.safetensors.tmp"
-            save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp))
-            os.replace(tmp, self.path / f"{name}.safetensors")
+            data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()})
+            file = f"{hashlib.sha256(data).hexdigest()[:24]}.safetensors"
+            if not (self.path / file).is_file():  # weights already saved (the start model's, a copy) written once
+                _write_atomic(self.path / file, data)
             cls = type(net)
-            specs[name] = {"class": f"{cls.__module__}:{cls.__qualname__}", "spec": net.spec(), "config": net.config}
-        tmp = self.path / "state.json.tmp"
-        tmp.write_text(json.dumps({"state": state, "specs": specs}, default=str))
-        os.replace(tmp, self.path / "state.json")  # the step counts as done only once this lands
+            specs[name] = {"class": f"{cls.__module__}:{cls.__qualname__}", "spec": net.spec(), "config": net.config,
+                           "file": file}
+        _fsync_dir(self.path)  # the weights' names are on disk before the state that names them
+        _write_atomic(self.path / "state.json", json.dumps({"state": state, "specs": specs}, default=str).encode())
+        _fsync_dir(self.path)  # the step counts as done only once this lands
+        self.sweep({s["file"] for s in specs.values()})
+
+    def sweep(self, keep: set[str]) -> None:
+        """Remove the weights ``state.json`` no longer names and temporaries of interrupted writes."""
+        for f in self.path.iterdir():
+            if (f.name.endswith(".safetensors") and f.name not in keep) or f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
 
     def load(self) -> tuple[dict, dict[str, nn.Module]]:
         data = json.loads((self.path / "state.json").read_text())
@@ -81,7 +236,7 @@ class StateStore:
             module, qualname = entry["class"].split(":")
             cls = getattr(importlib.import_module(module), qualname)
             net = cls(spec=entry["spec"], **entry["config"])
-            net.load_state_dict(load_file(str(self.path / f"{name}.safetensors")))
+            net.load_state_dict(load_file(str(self.path / entry.get("file", f"{name}.safetensors"))))
             nets[name] = net
         return data["state"], nets
 
@@ -118,49 +273,81 @@ class SearchLoop:
         """What identifies this search's state (its constructor options, minus run-control knobs)."""
         return {k: v for k, v in vars(self).items() if k not in ("stop_after", "resume") and not k.startswith("_")}
 
+    def state_key(self, ctx) -> dict:
+        """What this search's saved state is valid for (see :func:`state_key`)."""
+        return state_key(ctx.cfg, ctx.task, self.options())
+
     def state_dir(self, ctx) -> Path:
-        cfg = ctx.cfg
-        key = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "train")}
-        key["task"].pop("data_dir", None)  # where the data lies does not change the search
-        key["seed"] = cfg.seed
-        key["search"] = json.loads(json.dumps(self.options(), default=str))
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return Path(cfg.paths.state_dir) / f"{self.label}-{digest}"
+        """``paths.state_dir/<label>-<digest of state_key>``: a rerun finds the state only if nothing that
+        changes the result changed."""
+        return Path(ctx.cfg.paths.state_dir) / f"{self.label}-{key_digest(self.state_key(ctx))}"
 
     @property
     def label(self) -> str:
         return self.method if not self.variant else f"{self.method}[{self.variant}]"
 
     def run(self, ctx) -> None:
-        store = StateStore(self.state_dir(ctx))
+        key = self.state_key(ctx)
+        store = StateStore(Path(ctx.cfg.paths.state_dir) / f"{self.label}-{key_digest(key)}")
         if self.resume and store.exists():
-            state, nets = store.load()
+            try:
+                state, nets = store.load()
+            except Exception as e:  # whatever broke it, the message says where and what to do
+                raise ConfigError(f"pruner.resume: the saved search state {store.path} cannot be read ({e!r}); "
+                                  "delete that directory or set pruner.resume=false") from e
             nets = {k: v.to(ctx.device) for k, v in nets.items()}  # saved on the CPU; the run's nets live on its device
-            for row in state["points"]:
-                if row["method"] != "dense":
-                    ctx.tracker.add(Point(**row))
-                elif ctx.dense_point is None and "dense" in nets:  # once per run, whichever search has it
-                    ctx.set_dense(nets["dense"], TrainingCost(**state["dense_cost"]), ctx.tracker.add(Point(**row)))
+            self.replay(ctx, state, nets)
             ctx.log(f"{self.method}: resumed from {store.path} at step {state['step']}")
-            if state.get("finished"):  # nothing left to do: its points are replayed, its results restored
+            if state.get("finished"):  # nothing left to do: its points are replayed, its results and files restored
                 ctx.results[self.label] = state["results"]
+                for name in state.get("artifacts", []):
+                    ctx.save_net(nets[f"artifact.{name}"], name)
                 return
         else:
             state, nets = self.start(ctx)
             state.setdefault("step", 0)
             state.setdefault("points", [])
-            store.save(state, nets)
+            self.mark_fresh(ctx, state)
+            store.save(state, nets, key)
         ran = 0
         while not self.done(ctx, state, nets):
             if self.stop_after is not None and ran >= self.stop_after:
                 raise SearchInterrupted(f"{self.method}: stopped after {ran} step(s) (pruner.stop_after); rerun to resume")
+            self.seed(ctx, "step", state["step"])  # whatever a step draws before seeding itself, drawn by position
             self.step(ctx, state, nets)
             state["step"] += 1
-            store.save(state, nets)
+            store.save(state, nets, key)
             ran += 1
-        self.finish(ctx, state, nets)
-        state.update(finished=True, results=ctx.results.get(self.label))
-        store.save(state, nets)
+        self.seed(ctx, "finish")
+        artifacts: dict[str, nn.Module] = {}
+        with _capture_saves(ctx, artifacts):
+            self.finish(ctx, state, nets)
+        state.update(finished=True, results=ctx.results.get(self.label), artifacts=sorted(artifacts))
+        store.save(state, {**nets, **{f"artifact.{name}": net for name, net in artifacts.items()}}, key)
+
+    @staticmethod
+    def replay(ctx, state: dict, nets: dict[str, nn.Module]) -> None:
+        """Add the saved points to the run (``resumed=True``); the start model's once per run, adopted with
+        its network by the run unless an earlier search of the run already has one."""
+        for row in state["points"]:
+            point = Point(**{**row, "extra": {**row["extra"], "resumed": True}})
+            if row["method"] != "dense":
+                ctx.tracker.add(point)
+            elif ctx.dense_point is None and "dense" in nets:  # once per run, whichever search has it
+                ctx.set_dense(nets["dense"], TrainingCost(**state["dense_cost"]), ctx.tracker.add(point))
+
+    @staticmethod
+    def mark_fresh(ctx, state: dict) -> None:
+        """``resumed=False`` on the points ``start`` recorded in this process (the start model's), in the saved
+        state and, where the tracker can update a point, in points.csv."""
+        update = getattr(ctx.tracker, "update", None)
+        for row in state["points"]:
+            if "resumed" in row["extra"]:
+                continue
+            match = next((p for p in getattr(ctx.tracker, "points", []) if p == Point(**row)), None)
+            row["extra"]["resumed"] = False
+            if match is not None and update is not None:
+                update(match, resumed=False)
 
     # ---------------------------------------------------------------- shared pieces
     def seed(self, ctx, *where: int) -> None:
@@ -185,9 +372,31 @@ class SearchLoop:
                  "search_macs": cost.macs - state["dense_cost"]["macs"], **extra}
         if self.variant:
             extra["variant"] = self.variant
+        extra.setdefault("resumed", False)  # computed by this process (a replayed point says True)
         point = ctx.record(self.method, step, net, cost, extra=extra)
         state["points"].append({**asdict(point)})
         return point
+
+
+@contextmanager
+def _capture_saves(ctx, into: dict):
+    """While ``finish`` runs: a copy of every network it saves to the run dir (``ctx.save_net``), by file name,
+    so that a rerun of a finished search writes the same files into its own run dir."""
+    save, own = ctx.save_net, "save_net" in vars(ctx)
+
+    def capture(net, name, *args, **kw):
+        if hasattr(net, "spec") and hasattr(net, "config"):
+            into[name] = copy.deepcopy(net).cpu()
+        return save(net, name, *args, **kw)
+
+    ctx.save_net = capture
+    try:
+        yield into
+    finally:
+        if own:
+            ctx.save_net = save
+        else:
+            del ctx.save_net  # the instance attribute goes; the method shows through again
 
 
 def spec_summary(net: nn.Module) -> str:

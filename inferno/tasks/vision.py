@@ -32,6 +32,10 @@ class ImageClassificationTask(LightningDataModule):
     def load(self) -> Dataset:  # -> columns "image" (float, C x H x W) and "label" (int)
         raise NotImplementedError
 
+    def data_files(self) -> list[Path]:
+        """Every file ``load`` reads: a saved search is resumed only while their content (sha256) is unchanged."""
+        return []
+
     def split_sizes(self, n: int) -> tuple[int, int]:
         """(validation, test) sizes of the held-out part."""
         held = round(n * 0.2)
@@ -77,6 +81,11 @@ class ImageClassificationTask(LightningDataModule):
 class DigitsTask(ImageClassificationTask):
     """scikit-learn's bundled 8x8 digits (1,797 images): needs no data directory."""
 
+    def data_files(self) -> list[Path]:
+        from importlib import resources
+
+        return [Path(str(resources.files("sklearn.datasets.data") / "digits.csv.gz"))]  # what load_digits reads
+
     def load(self) -> Dataset:
         from sklearn.datasets import load_digits
 
@@ -98,9 +107,11 @@ class MNISTTask(ImageClassificationTask):
         held = n - self.train_size
         return held // 2, held - held // 2
 
+    def data_files(self) -> list[Path]:
+        return [Path(self.data_dir or "") / "mnist" / f for f in self.files]
+
     def load(self) -> Dataset:
-        root = Path(self.data_dir or "") / "mnist"
-        paths = [root / f for f in self.files]
+        paths = self.data_files()
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise ConfigError(f"paths.data_dir: MNIST file {missing[0]} not found (set INFERNO_DATA or paths.data_dir to the shared data folder)")
