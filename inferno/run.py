@@ -220,6 +220,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         best = tracker.best().get(cfg.pruner.name) or tracker.best().get("dense")
         objective = best["value"] if best else float("nan")
     objective = float(objective)
-    tracker.finish(objective)
+    tracker.finish(objective, ctx.results)
     return objective
 

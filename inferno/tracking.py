@@ -138,12 +138,15 @@ class Tracker:
                 out[p.method] = p.row()
         return out
 
-    def finish(self, objective: float | None = None) -> dict:
+    def finish(self, objective: float | None = None, results: dict | None = None) -> dict:
+        """``summary.json`` (``results``: what each method reported, e.g. greedy's path, the grid's mean and
+        Pareto front), ``curve.png``, and the loggers' last words."""
         summary = {
             "config": self.config,
             "versions": versions(),
             "best": self.best(),
             "objective": objective,
+            "results": results or {},
             "n_points": len(self.points),
             "wall_s": self.elapsed(),
         }

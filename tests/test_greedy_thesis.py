@@ -12,7 +12,6 @@ from inferno.errors import ConfigError
 from inferno.models.microcnn import MicroCNN
 from inferno.run import run
 from inferno.search.greedy import GreedyThesis, thesis_pick
-from inferno.search.grid import pareto_indices
 from inferno.search.moves import MoveOptions, children
 from inferno.tracking import read_points
 
@@ -122,19 +121,6 @@ def test_greedy_thesis_run_follows_its_rule(compose_cfg, tmp_path):
     assert int(final["train_samples"]) == int(dense["train_samples"]) + len(kids) * 2 * 3 * 64 + 3 * 64
 
 
-def test_pareto_indices_against_brute_force():
-    g = torch.Generator().manual_seed(0)
-    costs = torch.randint(0, 6, (40,), generator=g).tolist()
-    values = torch.randint(0, 6, (40,), generator=g).tolist()
-    front = pareto_indices(costs, values)
-    beaten = {i for i in range(40) for j in range(40)
-              if (costs[j] <= costs[i] and values[j] > values[i]) or (costs[j] < costs[i] and values[j] >= values[i])}
-    undominated = [i for i in range(40) if i not in beaten]
-    # one representative per (cost, value) among equal undominated points
-    assert sorted({(costs[i], values[i]) for i in front}) == sorted({(costs[i], values[i]) for i in undominated})
-    assert len(front) == len({(costs[i], values[i]) for i in undominated})
-
-
 def test_grid_trains_every_configuration_under_the_budget_from_scratch(compose_cfg, tmp_path):
     cfg = compose_cfg(*FAST, "model.width=2", "pruner=grid", "pruner.budget.macs=0.4", f"paths.state_dir={tmp_path / 's'}")
     run(cfg, tmp_path)
@@ -152,3 +138,14 @@ def test_grid_trains_every_configuration_under_the_budget_from_scratch(compose_c
     summary = json.loads((tmp_path / "summary.json").read_text())
     best_val = max(grid, key=lambda r: float(r["val_value"]))  # the first of equals, as max() keeps
     assert summary["objective"] == pytest.approx(float(best_val["value"]))
+    # the Pareto front of the grid (summary's results): no configuration cheaper-or-equal and more accurate
+    result = summary["results"]["grid"]
+    assert result["configs"] == len(grid)
+    assert result["mean_value"] == pytest.approx(sum(float(r["value"]) for r in grid) / len(grid))
+    front = {(f["B"], f["D"], f["W"]) for f in result["pareto"]}
+    for r in grid:  # on the front exactly when no configuration as cheap or cheaper is more accurate
+        beaten = any(int(o["macs"]) <= int(r["macs"]) and float(o["value"]) > float(r["value"]) for o in grid)
+        if beaten:
+            assert (int(r["B"]), int(r["D"]), int(r["W"])) not in front
+    assert front and all(not any(int(o["macs"]) <= f["macs"] and float(o["value"]) > f["value"] for o in grid)
+                         for f in result["pareto"])

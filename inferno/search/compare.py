@@ -20,7 +20,16 @@ class Compare:
 
         # every method built (so every option checked) before anything trains; ``budget`` is only the value
         # the methods' configs interpolate
-        self.methods = {key: build_node(node, "pruner") for key, node in methods.items() if node is not None}
+        self.methods = {}
+        for key, node in methods.items():
+            if node is None:
+                continue
+            try:
+                self.methods[key] = build_node(node, "pruner")
+            except ConfigError as e:  # name the nested key: pruner.methods.KEY.option
+                msg = str(e)
+                raise ConfigError(msg.replace("pruner.", f"pruner.methods.{key}.", 1) if msg.startswith("pruner.")
+                                  else f"pruner.methods.{key}: {msg.removeprefix('pruner: ')}") from None
         if objective is not None and objective not in self.methods:
             raise ConfigError(f"pruner.objective: {objective!r} is not an active method; allowed: "
                               f"{', '.join(self.methods)}")

@@ -18,20 +18,10 @@ from inferno.cost import TrainingCost, count_macs, count_params
 from inferno.errors import ConfigError
 from inferno.search.loop import Budget, SearchLoop, spec_summary
 from inferno.search.moves import check_choice
+from inferno.tracking import pareto_front
 from inferno.training import check_epochs
 
 ORDERS = ("shuffled", "macs")
-
-
-def pareto_indices(costs: list[float], values: list[float]) -> list[int]:
-    """Indices of the points no other point beats (cost <= and value >, or cost < and value >=), by cost."""
-    order = sorted(range(len(costs)), key=lambda i: (costs[i], -values[i]))
-    front, best = [], float("-inf")
-    for i in order:
-        if values[i] > best:
-            front.append(i)
-            best = values[i]
-    return front
 
 
 class Grid(SearchLoop):
@@ -102,14 +92,14 @@ class Grid(SearchLoop):
     def finish(self, ctx, state, nets):
         rows = [r for r in state["points"] if r["method"] == self.method]
         values = [r["value"] for r in rows]
-        front = pareto_indices([r["macs"] for r in rows], values)
+        front = pareto_front(rows, "macs")
         best_val = max(range(len(rows)), key=lambda i: rows[i]["extra"]["val_value"])
         ctx.results[self.label] = {
             "train_samples": state["cost"]["samples"], "train_macs": state["cost"]["macs"], "configs": len(rows),
             "mean_value": sum(values) / len(values), "best_val_value": rows[best_val]["value"],
             "best_val_arch": rows[best_val]["extra"]["arch"], "limits": state["limits"],
-            "pareto": [{k: rows[i]["extra"][k] for k in ("B", "D", "W")} | {"macs": rows[i]["macs"], "value": values[i]}
-                       for i in front],
+            "pareto": [{k: r["extra"][k] for k in ("B", "D", "W")} | {"macs": r["macs"], "value": r["value"]}
+                       for r in front],
         }
         ctx.log(f"grid: {len(rows)} configurations under {state['limits']}: mean {self.metric(ctx)} "
                 f"{ctx.results[self.label]['mean_value']:.4f}, Pareto front of {len(front)}")
