@@ -149,3 +149,19 @@ def test_grid_trains_every_configuration_under_the_budget_from_scratch(compose_c
             assert (int(r["B"]), int(r["D"]), int(r["W"])) not in front
     assert front and all(not any(int(o["macs"]) <= f["macs"] and float(o["value"]) > f["value"] for o in grid)
                          for f in result["pareto"])
+
+
+def test_thesis_stops_at_the_smallest_network_even_above_the_threshold():
+    from types import SimpleNamespace
+
+    g = GreedyThesis(budget={"macs": 10})
+    logged = []
+    ctx = SimpleNamespace(log=logged.append)
+    state = {"current": {"macs": 50, "params": 1, "latency_ms": 1.0}, "limits": {"macs": 10}}
+    assert g.done(ctx, state, {"current": MicroCNN(1, 1, 1, 8)})  # B = D = 1: nothing left to remove
+    assert logged and "still above" in logged[0]
+    assert not g.done(ctx, state, {"current": MicroCNN(1, 2, 1, 8)})  # D-1 is still possible
+    state["current"]["macs"] = 10  # at the threshold counts as above
+    assert not g.done(ctx, state, {"current": MicroCNN(2, 1, 1, 8)})
+    state["current"]["macs"] = 9
+    assert g.done(ctx, state, {"current": MicroCNN(2, 1, 1, 8)})
