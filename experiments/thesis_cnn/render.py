@@ -21,6 +21,7 @@ Each run directory (``<multirun>/<n>/``) holds ``points.csv`` and ``summary.json
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -90,6 +91,23 @@ def load_runs(dirs: list[Path]) -> list[Run]:
                       file=sys.stderr)
             found[key] = run
     return list(found.values())
+
+
+def merge_runs(runs: list[Run], extra: list[Run]) -> list[Run]:
+    """Add the method rows of ``extra`` runs (e.g. an ablation run separately on the same start model) to the
+    run of the same (seed, budget); their ``dense`` row must equal the run's (same start model), or they are
+    refused with a message."""
+    by_key = {(str(r.seed), r.budget): r for r in runs}
+    for e in extra:
+        run = by_key.get((str(e.seed), e.budget))
+        if run is None:
+            print(f"warning: {e.path}: no main run with seed {e.seed} budget {e.budget}; left out", file=sys.stderr)
+            continue
+        dense = [next((r for r in x.rows if r["method"] == "dense"), None) for x in (run, e)]
+        if None in dense or any(num(dense[0], k) != num(dense[1], k) for k in ("value", "macs", "params")):
+            raise SystemExit(f"error: {e.path}: its start model differs from {run.path}'s; cannot merge")
+        run.rows = run.rows + [r for r in e.rows if r["method"] != "dense"]
+    return runs
 
 
 def _seed_key(seed) -> tuple:
@@ -321,13 +339,23 @@ def _n(x) -> str:
     return "n/a" if x is None else f"{x:,.0f}"
 
 
-def render(dirs: list[Path], out: Path) -> str:
+def render(dirs: list[Path], out: Path, add: list[Path] = ()) -> str:
     runs = load_runs(dirs)
     if not runs:
         raise SystemExit(f"no run with a points.csv under {', '.join(map(str, dirs))}")
     out.mkdir(parents=True, exist_ok=True)
+    if add:
+        runs = merge_runs(runs, load_runs(list(add)))
     for run in runs:
-        shutil.copy(run.path / "points.csv", out / f"points_seed{run.seed}_budget{budget_tag(run.budget)}.csv")
+        dest = out / f"points_seed{run.seed}_budget{budget_tag(run.budget)}.csv"
+        if not add:
+            shutil.copy(run.path / "points.csv", dest)
+            continue
+        names = list(dict.fromkeys(k for r in run.rows for k in r))
+        with open(dest, "w", newline="") as f:
+            w = csv.DictWriter(f, names)
+            w.writeheader()
+            w.writerows(run.rows)
     budgets = sorted({r.budget for r in runs}, key=lambda b: (b is None, -(b or 0)))
     lines = ["# thesis_cnn", "",
              (f"Runs: {len(runs)} from {', '.join(str(d) for d in dirs)}. Mean ± std over seeds. Test accuracy on "
@@ -528,5 +556,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("multirun", type=Path, nargs="+", help="multirun directories (or single run directories)")
     ap.add_argument("--out", type=Path, default=Path("results/thesis_cnn"))
+    ap.add_argument("--add", type=Path, nargs="*", default=[],
+                    help="more multiruns on the same start models (e.g. an ablation): their methods join the runs "
+                         "of the same seed and budget")
     args = ap.parse_args()
-    print(render(args.multirun, args.out))
+    print(render(args.multirun, args.out, args.add))
