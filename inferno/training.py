@@ -32,12 +32,10 @@ class TrainConfig:
     nesterov: bool = True  # SGD only
 
     def __post_init__(self):
-        from inferno.errors import ConfigError
+        from inferno.errors import ConfigError, check_choice
 
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer: unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train.schedule: unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS, "optimizer")
+        check_choice("train.schedule", self.schedule, SCHEDULES, "schedule")
         if not self.lr > 0:
             raise ConfigError(f"train.lr: {self.lr} must be positive")
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from inferno.cost import TrainingCost
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_choice, check_int
 from inferno.pruning.cnn.surgery import IMPORTANCES
 from inferno.search.loop import Budget, SearchLoop, spec_summary
-from inferno.search.moves import MOVES, TRANSFERS, MoveOptions, check_choice, check_moves, children, rebuild
+from inferno.search.moves import MOVES, TRANSFERS, MoveOptions, check_moves, children, rebuild
 from inferno.training import OPTIMIZERS, SCHEDULES, TrainConfig, check_epochs
 
 SELECTIONS = ("accuracy", "efficiency")
@@ -51,8 +51,7 @@ class GreedyLayerwise(SearchLoop):
         check_epochs("pruner.finetune_epochs", self.finetune_epochs)
         check_epochs("pruner.final_epochs", final_epochs)
         check_epochs("pruner.scratch_epochs", scratch_epochs, allow_none=True)
-        if not self.budget.limits({k: 1.0 for k in ("macs", "params", "latency_ms")}):
-            raise ConfigError("pruner.budget: set at least one of macs, params, latency_ms")
+        self.budget.check(self.method)
         self.moves, self.transfer, self.select = list(moves), transfer, select
         self.narrow_ratio, self.narrow_scope, self.drop_block_scope = narrow_ratio, narrow_scope, drop_block_scope
         self.importance, self.final_epochs = importance, final_epochs
@@ -190,8 +189,7 @@ class GreedyThesis(GreedyLayerwise):
         super().__init__(moves=("drop_stage", "drop_block"), transfer="leading_slice", select="accuracy",
                          drop_block_scope="all", final_epochs=final_epochs,
                          scratch_control=scratch_control, finetune_epochs=finetune_epochs, **kw)
-        if isinstance(score_epochs, bool) or not isinstance(score_epochs, int) or score_epochs < 1:
-            raise ConfigError(f"pruner.score_epochs: {score_epochs!r} must be an integer >= 1")
+        check_int("pruner.score_epochs", score_epochs, 1)
         if self.finetune_epochs < 1:
             raise ConfigError(f"pruner.finetune_epochs: {self.finetune_epochs} must be >= 1: greedy_thesis scores a "
                               "child by its validation accuracy after each epoch")

@@ -15,9 +15,8 @@ import random
 from dataclasses import asdict
 
 from inferno.cost import TrainingCost, count_macs, count_params
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_choice
 from inferno.search.loop import Budget, SearchLoop, spec_summary
-from inferno.search.moves import check_choice
 from inferno.tracking import pareto_front
 from inferno.training import check_epochs
 
@@ -35,10 +34,7 @@ class Grid(SearchLoop):
         for key, v in (("stages", stages), ("depths", depths), ("widths", widths)):
             if v is not None and (not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v)):
                 raise ConfigError(f"pruner.{key}: {v!r} must be null or a non-empty list of integers >= 1")
-        if not self.budget.limits({k: 1.0 for k in ("macs", "params", "latency_ms")}):
-            raise ConfigError("pruner.budget: set macs or params")
-        if self.budget.latency_ms is not None:
-            raise ConfigError("pruner.budget.latency_ms: grid checks budgets before training; use macs or params")
+        self.budget.check(self.method, measured=False)
         self.epochs, self.stages, self.depths, self.widths, self.order = epochs, stages, depths, widths, order
 
     def space(self, ctx) -> list[tuple[int, int, int]]:
@@ -59,18 +55,19 @@ class Grid(SearchLoop):
         p = ctx.dense_point
         limits = self.budget.limits({"macs": p.macs, "params": p.params, "latency_ms": p.latency_ms})
         x = ctx.example()
-        configs = []
+        fitting = []  # (MACs, [B, D, W]) of every configuration under the budget
         for b, d, w in self.space(ctx):
             net = self.build(ctx, b, d, w)
             figures = {"macs": count_macs(net, x), "params": count_params(net)}
             if Budget.fits(figures, limits):
-                configs.append([b, d, w])
-        if not configs:
+                fitting.append((figures["macs"], [b, d, w]))
+        if not fitting:
             raise ConfigError(f"pruner.budget: no MicroCNN(B, D, W) of the grid fits {limits}")
+        if self.order == "macs":
+            fitting.sort(key=lambda t: t[0])  # stable: equal MACs keep the enumeration order
+        configs = [c for _, c in fitting]
         if self.order == "shuffled":
             random.Random(int(ctx.cfg.seed) * 7919 + 17).shuffle(configs)
-        else:
-            configs.sort(key=lambda c: count_macs(self.build(ctx, *c), x))
         state = {"dense_cost": vars(cost), "cost": vars(TrainingCost()), "limits": limits, "configs": configs,
                  "points": [asdict(p)]}
         return state, {"dense": dense}  # kept so that a resumed run replays the start model's point

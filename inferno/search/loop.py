@@ -60,6 +60,14 @@ class Budget:
             if v is not None and v <= 0:
                 raise ConfigError(f"pruner.budget.{k}: {v} must be positive (<= 1: fraction of the start model, > 1: absolute)")
 
+    def check(self, method: str, required: bool = True, measured: bool = True) -> None:
+        """At construction: ``required``, at least one limit is set; ``measured=False`` (a method that checks
+        its budget on untrained networks, before any latency can be measured), no latency limit."""
+        if required and all(v is None for v in asdict(self).values()):
+            raise ConfigError(f"pruner.budget: set at least one of macs, params{', latency_ms' if measured else ''}")
+        if not measured and self.latency_ms is not None:
+            raise ConfigError(f"pruner.budget.latency_ms: {method} checks budgets before training; use macs or params")
+
     def limits(self, start: dict) -> dict[str, float]:
         return {k: (v * start[k] if v <= 1 else v) for k, v in asdict(self).items() if v is not None}
 
@@ -277,10 +285,10 @@ class SearchLoop:
         """What this search's saved state is valid for (see :func:`state_key`)."""
         return state_key(ctx.cfg, ctx.task, self.options())
 
-    def state_dir(self, ctx) -> Path:
+    def state_dir(self, ctx, key: dict | None = None) -> Path:
         """``paths.state_dir/<label>-<digest of state_key>``: a rerun finds the state only if nothing that
         changes the result changed."""
-        return Path(ctx.cfg.paths.state_dir) / f"{self.label}-{key_digest(self.state_key(ctx))}"
+        return Path(ctx.cfg.paths.state_dir) / f"{self.label}-{key_digest(key or self.state_key(ctx))}"
 
     @property
     def label(self) -> str:
@@ -288,7 +296,7 @@ class SearchLoop:
 
     def run(self, ctx) -> None:
         key = self.state_key(ctx)
-        store = StateStore(Path(ctx.cfg.paths.state_dir) / f"{self.label}-{key_digest(key)}")
+        store = StateStore(self.state_dir(ctx, key))
         if self.resume and store.exists():
             try:
                 state, nets = store.load()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_choice
 from inferno.pruning.cnn.surgery import prune_channels
 
 TRANSFERS = ("importance", "leading_slice")
@@ -51,12 +51,6 @@ class MoveOptions:
     def __post_init__(self):
         check_choice("pruner.narrow_scope", self.narrow_scope, SCOPES["narrow_scope"])
         check_choice("pruner.drop_block_scope", self.drop_block_scope, SCOPES["drop_block_scope"])
-
-
-def check_choice(key: str, value, allowed) -> None:
-    """One line naming ``key`` and the allowed values when ``value`` is not one of them."""
-    if value not in allowed:
-        raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
 def rebuild(net: nn.Module, spec: dict | None = None) -> nn.Module:

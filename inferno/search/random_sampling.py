@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 
 from inferno.cost import TrainingCost, count_macs, count_params
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_int
 from inferno.search.loop import Budget, SearchLoop, spec_summary
 from inferno.search.moves import rebuild
 from inferno.training import check_epochs
@@ -57,9 +57,9 @@ class RandomSampling(SearchLoop):
         super().__init__(**kw)
         check_epochs("pruner.epochs", epochs, allow_none=True)
         check_width_choices(width_choices)
-        for key, v in (("max_samples", max_samples), ("max_tries", max_tries)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"pruner.{key}: {v!r} must be an integer >= 1")
+        self.budget.check(self.method, required=False, measured=False)
+        check_int("pruner.max_samples", max_samples, 1)
+        check_int("pruner.max_tries", max_tries, 1)
         if total_samples is not None and total_samples <= 0:
             raise ConfigError(f"pruner.total_samples: {total_samples} must be positive (or null)")
         unknown = set(match or {}) - {"method", "multiple", "include_start"}
@@ -77,8 +77,6 @@ class RandomSampling(SearchLoop):
         x = ctx.example()
         figures = {"macs": count_macs(start, x), "params": count_params(start), "latency_ms": float("inf")}
         limits = self.budget.limits(figures)
-        if "latency_ms" in limits:
-            raise ConfigError("pruner.budget.latency_ms: random_sampling checks budgets before training; use macs or params")
         total = self.total_samples
         if self.match.get("method"):
             ref = ctx.results.get(self.match["method"])

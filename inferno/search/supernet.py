@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferno.cost import TrainingCost, count_macs, count_params
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_int
 from inferno.models.microcnn import MicroCNN
 from inferno.search.loop import Budget, SearchLoop, spec_summary
 from inferno.search.moves import leading_slice_transfer
@@ -145,14 +145,13 @@ class Supernet(SearchLoop):
                        ("finetune_epochs", self.finetune_epochs)):
             check_epochs(f"pruner.{key}", v)
         check_width_choices(width_choices)
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise ConfigError(f"pruner.candidates: {candidates!r} must be an integer >= 1")
+        self.budget.check(self.method, required=False, measured=False)
+        check_int("pruner.candidates", candidates, 1)
         if not 0 <= kd_weight <= 1:
             raise ConfigError(f"pruner.kd_weight: {kd_weight} must lie in [0, 1]")
         if not kd_temperature > 0:
             raise ConfigError(f"pruner.kd_temperature: {kd_temperature} must be positive")
-        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) or recalibration_batches < 0:
-            raise ConfigError(f"pruner.recalibration_batches: {recalibration_batches!r} must be an integer >= 0")
+        check_int("pruner.recalibration_batches", recalibration_batches, 0)
         self.depth_epochs, self.width_epochs, self.candidates = depth_epochs, width_epochs, candidates
         self.width_choices = list(width_choices)
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
@@ -166,8 +165,6 @@ class Supernet(SearchLoop):
         supernet.load_state_dict(dense.state_dict(), strict=False)  # exit heads start fresh
         p = ctx.dense_point
         limits = self.budget.limits({"macs": p.macs, "params": p.params, "latency_ms": p.latency_ms})
-        if "latency_ms" in limits:
-            raise ConfigError("pruner.budget.latency_ms: supernet checks budgets before measuring; use macs or params")
         state = {"dense_cost": vars(cost), "cost": vars(cost.copy()), "limits": limits, "points": [asdict(p)],
                  "chosen": None}
         return state, {"dense": dense, "supernet": supernet}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_choice
 
 # l1 / l2: Torch-Pruning's group magnitude (every coupled layer's slice of a channel: the conv's filter, its
 # BatchNorm scale, the consumers' input columns; averaged over the layers, divided by the group's mean).
@@ -25,6 +25,7 @@ IMPORTANCES = ("l1", "l2", "group_norm", "filter_l1", "filter_l2", "taylor", "ra
 
 
 def importance(name: str):
+    check_choice("pruner.importance", name, IMPORTANCES, "importance")
     if name == "l1":
         return tp.importance.MagnitudeImportance(p=1)
     if name == "l2":
@@ -35,9 +36,7 @@ def importance(name: str):
         return tp.importance.GroupMagnitudeImportance(p=int(name[-1]), group_reduction="first")
     if name == "taylor":
         return tp.importance.TaylorImportance()
-    if name == "random":
-        return tp.importance.RandomImportance()
-    raise ConfigError(f"pruner.importance: unknown importance {name!r}; allowed: {', '.join(IMPORTANCES)}")
+    return tp.importance.RandomImportance()  # "random"
 
 
 def check_ratio(ratio: float, key: str = "pruner.ratios") -> float:

@@ -35,28 +35,13 @@ import torch_pruning as tp
 from torch import nn
 
 from inferno.cost import TrainingCost
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_bool, check_choice, check_int
 from inferno.pruning.cnn.surgery import IMPORTANCES, check_ratio, importance
 from inferno.tracking import HIGHER_IS_BETTER
 from inferno.training import check_epochs
 
 # ``BasePruner`` in current Torch-Pruning (``MetaPruner`` stays as its alias); the older name where it is the only one
 TorchPruner = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
-
-
-def check_int(key: str, value, low: int, allow_none: bool = False, hint: str = ""):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        allowed = f"an integer >= {low}" + (" or null" if allow_none else "")
-        raise ConfigError(f"{key}: {value!r} must be {allowed}{hint}")
-    return value
-
-
-def check_bool(key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: {value!r} must be true or false")
-    return value
 
 
 def check_ratios(ratios, key: str = "pruner.ratios") -> list[float]:
@@ -149,9 +134,7 @@ class UniformPruner:
                  step_epochs: float = 1, round_to: int | None = None, taylor_samples: int = 256,
                  record_steps: bool = False, method: str = "uniform", variant: str | None = None):
         self.ratios = check_ratios(ratios)
-        if importance not in IMPORTANCES:
-            raise ConfigError(f"pruner.importance: unknown importance {importance!r}; allowed: {', '.join(IMPORTANCES)}")
-        self.importance = importance
+        self.importance = check_choice("pruner.importance", importance, IMPORTANCES, "importance")
         self.finetune_epochs = check_epochs("pruner.finetune_epochs", finetune_epochs)
         self.global_pruning = check_bool("pruner.global_pruning", global_pruning)
         self.iterative_steps = check_int("pruner.iterative_steps", iterative_steps, 1)
