@@ -259,7 +259,7 @@ class OWL(PruningMethod):
     def layer_sparsity(self, layer_index):
         return self.base.layer_sparsity(layer_index)
 
-    def prepare(self, model, state, device="cpu", store_device="cpu", progress=True):
+    def prepare(self, model, state, device="cpu", store_device="cpu", progress=True, **_):
         """Dense pass over all blocks measuring outlier ratios, then set the per-layer sparsities."""
         from inferno.pruning.llm.runner import get_weight, run_layers
 
@@ -312,11 +312,15 @@ METHODS: dict[str, type[PruningMethod]] = {
 }
 
 
-def get_method(name: str, **kwargs) -> PruningMethod:
-    """Build a method by name; options not accepted by that method are an error naming the accepted ones."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown pruner {name!r}; allowed: {list(METHODS)}")
-    cls = METHODS[name]
+def get_method(name: str, **kwargs) -> PruningMethod | BlockMethod:
+    """Build a method by name (unstructured: :data:`METHODS`; structured: ``structured.STRUCTURED``); options not
+    accepted by that method are an error naming the accepted ones."""
+    from inferno.pruning.llm.structured import STRUCTURED
+
+    methods = {**METHODS, **STRUCTURED}
+    if name not in methods:
+        raise ConfigError(f"unknown pruner {name!r}; allowed: {list(methods)}")
+    cls = methods[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

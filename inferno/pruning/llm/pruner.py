@@ -23,6 +23,7 @@ reference code).
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -31,10 +32,11 @@ import torch
 from torch import nn
 
 from inferno.cost import TrainingCost, measure_sparse_latency
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_int
 from inferno.models.hf import torch_device
 from inferno.pruning.llm.methods import get_method
 from inferno.pruning.llm.runner import find_linears, get_blocks, get_weight, prune_model
+from inferno.pruning.llm.structured import STRUCTURED, attn_mlp_params, kl_divergence
 from inferno.tasks.lm import CORPORA, Calibration
 
 CALIBRATIONS = ("task", "random", *CORPORA)
@@ -86,7 +88,18 @@ class LLMPruner:
         **options,
     ):
         options = {k: v for k, v in options.items() if v is not None}
-        self.method = get_method(method, sparsity=sparsity, pattern=str(pattern), **options)
+        self.structured = method in STRUCTURED
+        self.kl_seeds = self.kl_nsamples = None
+        self.decode_tokens = check_int("pruner.decode_tokens", options.pop("decode_tokens", 0), 0)
+        if self.structured:  # physically smaller models: no N:M pattern; optional KL choice of calibration seed
+            if str(pattern) != "structured":
+                raise ConfigError(f"pruner.pattern: {method} removes whole heads and neurons and takes "
+                                  f"pattern=structured, got {pattern!r}")
+            self.kl_seeds = check_kl_seeds(options.pop("kl_seeds", None))
+            self.kl_nsamples = check_int("pruner.kl_nsamples", options.pop("kl_nsamples", 8), 1)
+            self.method = get_method(method, sparsity=sparsity, **options)
+        else:
+            self.method = get_method(method, sparsity=sparsity, pattern=str(pattern), **options)
         self.name = method
         for key, v in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -114,6 +127,8 @@ class LLMPruner:
     @property
     def variant(self) -> str:
         m = self.method
+        if self.structured:
+            return m.variant
         if self.name == "inferno_task":
             return m.score
         if self.name == "owl":
@@ -135,10 +150,13 @@ class LLMPruner:
         if err:
             raise ConfigError(err)
 
-    def draw(self, net: nn.Module, task) -> Calibration | None:
-        """The calibration samples and the corpus positions they read, or None for methods that need no data."""
+    def draw(self, net: nn.Module, task, seed: int | None = None, nsamples: int | None = None) -> Calibration | None:
+        """The calibration samples and the corpus positions they read, or None for methods that need no data
+        (``seed`` / ``nsamples``: other than the configured ones, e.g. for the KL choice of calibration seed)."""
         if not self.method.needs_calibration:
             return None
+        seed = self.seed if seed is None else int(seed)
+        nsamples = self.nsamples if nsamples is None else nsamples
         self.check(task)
         limit = getattr(net.config, "max_position_embeddings", None)
         if limit and self.unit == "window" and self.seqlen + self.generate > limit:
@@ -146,18 +164,32 @@ class LLMPruner:
                 f"pruner.seqlen: {self.seqlen} + pruner.generate {self.generate} exceeds the model's context of {limit} tokens"
             )
         if self.calibration == "task":
-            calib = task.task_calibration(self.nsamples, self.seqlen, self.seed, unit=self.unit)
+            calib = task.task_calibration(nsamples, self.seqlen, seed, unit=self.unit)
         elif self.calibration == "random":
-            g = torch.Generator().manual_seed(self.seed)
-            calib = Calibration(torch.randint(0, net.config.vocab_size, (self.nsamples, self.seqlen), generator=g))
+            g = torch.Generator().manual_seed(seed)
+            calib = Calibration(torch.randint(0, net.config.vocab_size, (nsamples, self.seqlen), generator=g))
         else:
-            calib = task.source_calibration(self.calibration, self.nsamples, self.seqlen, self.seed, self.data_dir)
+            calib = task.source_calibration(self.calibration, nsamples, self.seqlen, seed, self.data_dir)
         if self.unit == "example" and limit:  # whole prompts: keep the last tokens that leave room to generate
             keep = max(1, limit - self.generate)
             calib.ids = [x[:, -keep:] for x in calib.ids]
         if self.generate:
             calib.ids = self.continue_with_model(net, calib.ids)
         return calib
+
+    def held_out(self, net: nn.Module, task, used: list) -> Calibration:
+        """``kl_nsamples`` windows of the calibration source that overlap none of the ``used`` calibration windows
+        (drawn with seed 10**6; for ``random``, fresh random tokens): the KL choice never scores a seed on text it
+        calibrated on."""
+        if self.calibration == "random":
+            return self.draw(net, task, seed=10**6, nsamples=self.kl_nsamples)
+        pool = self.draw(net, task, seed=10**6, nsamples=8 * self.kl_nsamples)
+        keep = [j for j, w in enumerate(pool.windows) if not any(w.overlaps(u) for u in used)][: self.kl_nsamples]
+        if len(keep) < self.kl_nsamples:
+            raise ConfigError(f"pruner.kl_nsamples: only {len(keep)} windows of pruner.calibration={self.calibration} "
+                              f"overlap no calibration window; lower pruner.kl_nsamples or pruner.nsamples")
+        ids = [pool.ids[j] for j in keep]
+        return Calibration(torch.stack(ids) if torch.is_tensor(pool.ids) else ids, [pool.windows[j] for j in keep])
 
     @torch.no_grad()
     def continue_with_model(self, net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -193,6 +225,8 @@ class LLMPruner:
         return out
 
     def run(self, ctx) -> None:
+        if self.structured:
+            return self.run_structured(ctx)
         net, task = ctx.net, ctx.task
         net.eval()
         if self.record_dense:  # density = 1 - the zero fraction of the prunable linears (what the runner prunes)
@@ -237,3 +271,99 @@ class LLMPruner:
             tok = getattr(task, "tokenizer", None)
             tok = tok if hasattr(tok, "save_pretrained") else None
             save_pruned(net, tok, ctx.run_dir / "model", report)
+
+    # ------------------------------------------------------------------ structured methods
+    def decode_extra(self, ctx, net: nn.Module) -> dict:
+        """Tokens/s of greedy decoding of ``decode_tokens`` tokens after the cost model's prompt (0: not measured)."""
+        if not self.decode_tokens:
+            return {}
+        from inferno.cost import decode_tokens_per_s
+
+        ids = ctx.example()["input_ids"].to(next(net.parameters()).device)
+        return {"decode_tok_s": round(decode_tokens_per_s(net, ids, new_tokens=self.decode_tokens), 3)}
+
+    def calibrate(self, ctx, net: nn.Module, method, calib: Calibration) -> None:
+        prune_model(net, method, calib.ids, device=self.device, batch_size=self.batch_size, progress=self.progress,
+                    sequential=self.sequential)
+
+    def select_by_kl(self, ctx, net: nn.Module) -> tuple[Calibration, dict]:
+        """Prune a copy of ``net`` with each of ``kl_seeds``' calibration draws and return the draw whose pruned
+        model has the lowest KL(P_dense || Q_pruned) on held-out windows of the calibration source (NIRVANA's
+        calibration selection, automated)."""
+        draws = {s: self.draw(net, ctx.task, seed=s) for s in self.kl_seeds}
+        held = self.held_out(net, ctx.task, [w for d in draws.values() for w in d.windows])
+        kls = {}
+        for s, calib in draws.items():
+            candidate = copy.deepcopy(net)
+            method = get_method(self.name, sparsity=self.method.sparsity, **self.options)
+            self.calibrate(ctx, candidate, method, calib)
+            kls[s] = kl_divergence(net, candidate, held.ids, self.batch_size)
+            ctx.log(f"{self.name}: calibration seed {s}: KL(dense || pruned) = {kls[s]:.6f} on {len(held.windows)} held-out windows")
+            del candidate
+        best = min(kls, key=lambda s: (kls[s], s))
+        return draws[best], {"kl_seeds": list(kls), "kl": kls, "kl_seed": best,
+                             "kl_windows": [[w.corpus, w.start, w.end] for w in held.windows]}
+
+    def run_structured(self, ctx) -> None:
+        """Dense point; calibration (the KL choice of seed when ``kl_seeds`` is set); structured pruning that
+        physically removes heads / neurons / blocks; the pruned point (sparsity = fraction of the attention + MLP
+        parameters removed, cost measured on the smaller model); ``structure.json``; the export with ``save``."""
+        net, task = ctx.net, ctx.task
+        net.eval()
+        self.method.check(net)  # family and options this model cannot take: refused before any measurement
+        base = attn_mlp_params(net)
+        extra = {"variant": self.variant, "pattern": "structured", "target_sparsity": round(self.method.sparsity, 6),
+                 "calibration": self.calibration, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                 "calib_seed": self.seed, "apply": self.method.apply}
+        if self.record_dense:
+            ctx.record("dense", 0, net, TrainingCost(), extra=extra | self.decode_extra(ctx, net) | {
+                "variant": "", "pattern": "", "target_sparsity": 0.0, "calibration": "none"}, sparsity=0.0, density=1.0)
+        t0 = time.time()
+        kl = {}
+        if self.kl_seeds:
+            drawn, kl = self.select_by_kl(ctx, net)
+        else:
+            drawn = self.draw(net, task)
+        (ctx.run_dir / "calibration.json").write_text(json.dumps(
+            {"source": self.calibration, "unit": self.unit, "seed": kl.get("kl_seed", self.seed),
+             "windows": [[w.corpus, w.start, w.end] for w in drawn.windows]} | kl))
+        self.calibrate(ctx, net, self.method, drawn)
+        prune_s = time.time() - t0
+        left = attn_mlp_params(net)
+        structure = {"method": self.name, "variant": self.variant, "target_sparsity": self.method.sparsity,
+                     "achieved_sparsity": 1 - left / base, "attn_mlp_params": [base, left],
+                     "layers": {str(i): v for i, v in sorted(self.method.structure.items())}} | self.method.summary()
+        for key in ("allocation", "ratio", "forced", "bi"):
+            if getattr(self.method, key, None) is not None:
+                structure[key] = getattr(self.method, key)
+        structure |= {k: v for k, v in kl.items() if k != "kl_windows"}
+        (ctx.run_dir / "structure.json").write_text(json.dumps(structure, indent=2, default=str))
+        d = self.method.summary()["decisions"]
+        extra |= {"calib_seed": kl.get("kl_seed", self.seed), "prune_s": round(prune_s, 3),
+                  "kv_groups_removed": sum(len(v["kv_heads"]) for v in d.values()),
+                  "neurons_removed": sum(len(v["neurons"]) for v in d.values()),
+                  "blocks_removed": len(self.method.drop)}
+        if kl:
+            extra["kl"] = round(kl["kl"][kl["kl_seed"]], 6)
+        ctx.record(self.name, 1, net, TrainingCost(), extra=extra | self.decode_extra(ctx, net),
+                   sparsity=1 - left / base, density=1.0)
+        if self.save:
+            from inferno.models.hf import save_pruned
+
+            tok = getattr(task, "tokenizer", None)
+            tok = tok if hasattr(tok, "save_pretrained") else None
+            save_pruned(net, tok, ctx.run_dir / "model", {}, structure=self.method.structure,
+                        extra={k: v for k, v in structure.items() if k != "layers"})
+
+
+def check_kl_seeds(seeds) -> list[int] | None:
+    """``pruner.kl_seeds``: null (no selection), a count n (seeds 0 .. n-1) or a list of calibration seeds."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        check_int("pruner.kl_seeds", seeds, 1, hint=" (a count) or a list of seeds")
+        return list(range(seeds))
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"pruner.kl_seeds: {seeds!r} must be null, a count >= 1 or a list of distinct integer seeds")
+    return seeds

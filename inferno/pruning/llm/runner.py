@@ -426,10 +426,16 @@ def prune_model(
             if calib_inputs is None:
                 raise ValueError(f"method {method.name!r} needs calibration inputs (calib_inputs is None)")
             state = capture_inputs(model, calib_inputs, device, batch_size, store_device)
-            if hasattr(method, "prepare"):  # e.g. OWL: a dense measuring pass before pruning
-                method.prepare(model, state.copy(), device=device, store_device=store_device, progress=progress)
+            if hasattr(method, "prepare"):  # OWL, FLAP, ShortGPT: a dense measuring pass; NIRVANA: gradients
+                method.prepare(model, state.copy(), device=device, store_device=store_device, progress=progress,
+                               calib=calib_inputs)
+            if getattr(method, "global_decisions", False):
+                state = None  # every decision is made: apply them without further forward passes
         # nothing reads the final block's pruned outputs: it is not rerun
-        return prune_layers(model, method, state, None, device, store_device, progress, last_outputs=False,
-                            sequential=sequential)
+        report = prune_layers(model, method, state, None, device, store_device, progress, last_outputs=False,
+                              sequential=sequential)
+        if hasattr(method, "finalize"):  # whole blocks (ShortGPT) go after every per-block decision
+            method.finalize(model)
+        return report
     finally:
         model.train(was_training)
