@@ -1,10 +1,12 @@
-"""Run the ``experiment=thesis_llm`` grid in one process (imports paid once), one run directory per cell:
+"""Run an LLM experiment's grid (``experiment=thesis_llm`` by default; ``--experiment structured_llm``: any
+experiment config with a ``<name>_grid`` key) in one process (imports paid once), one run directory per cell:
 ``OUT/<model>/<task>/<setting>/<method label>/seed<k>/points.csv``. Cells already done are skipped, so the
 command resumes. The dense model is recorded once per (model, task).
 
     python experiments/thesis_llm/run.py                                   # the whole grid (~1 h on 2 cores)
     python experiments/thesis_llm/run.py --seeds 0 --tasks wikitext2 piqa  # a reduced grid
     python experiments/thesis_llm/render.py OUT                            # table + plots
+    python experiments/thesis_llm/run.py --experiment structured_llm       # the structured methods' grid
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def cells(grid, a):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "outputs" / "thesis_llm"))
+    p.add_argument("--experiment", default="thesis_llm", help="an experiment config with a <name>_grid key")
+    p.add_argument("--out", default=None, help="default: outputs/<experiment>")
     p.add_argument("--models", nargs="*")
     p.add_argument("--tasks", nargs="*")
     p.add_argument("--settings", nargs="*", help="e.g. 50%% 70%% 2:4")
@@ -70,15 +73,17 @@ def main() -> None:
     p.add_argument("--seeds", nargs="*", type=int)
     p.add_argument("--limit", type=int, help="override the per-task evaluation subset size")
     p.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this")
-    p.add_argument("--wandb", action="store_true", help="log every cell to W&B (offline) in group thesis_llm")
+    p.add_argument("--wandb", action="store_true", help="log every cell to W&B (offline) in the experiment's group")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell")
     a = p.parse_args()
     from inferno.run import run
 
-    grid = compose_cfg(["experiment=thesis_llm"]).thesis_llm_grid
+    grid = compose_cfg([f"experiment={a.experiment}"]).get(f"{a.experiment}_grid")
+    if grid is None:
+        raise SystemExit(f"--experiment {a.experiment}: conf/experiment/{a.experiment}.yaml has no {a.experiment}_grid key")
     todo = list(cells(grid, a))
-    out, t0, done = Path(a.out), time.time(), 0
+    out, t0, done = Path(a.out or ROOT / "outputs" / a.experiment), time.time(), 0
     print(f"{len(todo)} cells -> {out}", flush=True)
     for rel, over in todo:
         run_dir = out / rel
@@ -87,7 +92,7 @@ def main() -> None:
         if a.max_minutes and time.time() - t0 > a.max_minutes * 60:
             print(f"stopping: {a.max_minutes} minutes spent ({done} cells run)")
             break
-        over = ["experiment=thesis_llm", *over, *([] if a.wandb else ["logger=none"]), *a.overrides]
+        over = [f"experiment={a.experiment}", *over, *([] if a.wandb else ["logger=none"]), *a.overrides]
         if a.dry_run:
             print(rel, " ".join(over))
             continue
@@ -98,7 +103,9 @@ def main() -> None:
         run(cfg, run_dir)
         done += 1
         print(f"[{time.time() - t0:7.0f}s] {rel}  ({time.time() - t:.1f}s)", flush=True)
-    OmegaConf.save(grid, out / "grid.yaml")
+    if not a.dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(grid, out / "grid.yaml")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class LLMPruner:
             if str(pattern) != "structured":
                 raise ConfigError(f"pruner.pattern: {method} removes whole heads and neurons and takes "
                                   f"pattern=structured, got {pattern!r}")
-            self.kl_seeds = check_kl_seeds(options.pop("kl_seeds", None))
+            self.kl_seeds = check_kl_seeds(options.pop("kl_seeds", None), int(seed))
             self.kl_nsamples = check_int("pruner.kl_nsamples", options.pop("kl_nsamples", 8), 1)
             self.method = get_method(method, sparsity=sparsity, **options)
         else:
@@ -356,13 +356,14 @@ class LLMPruner:
                         extra={k: v for k, v in structure.items() if k != "layers"})
 
 
-def check_kl_seeds(seeds) -> list[int] | None:
-    """``pruner.kl_seeds``: null (no selection), a count n (seeds 0 .. n-1) or a list of calibration seeds."""
+def check_kl_seeds(seeds, seed: int = 0) -> list[int] | None:
+    """``pruner.kl_seeds``: null (no selection), a count n (the calibration seeds seed*n .. seed*n + n-1, so runs with
+    ``seed`` 0, 1, 2 choose among disjoint seeds) or a list of calibration seeds."""
     if seeds is None:
         return None
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         check_int("pruner.kl_seeds", seeds, 1, hint=" (a count) or a list of seeds")
-        return list(range(seeds))
+        return list(range(seed * seeds, seed * seeds + seeds))
     seeds = list(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"pruner.kl_seeds: {seeds!r} must be null, a count >= 1 or a list of distinct integer seeds")
