@@ -227,8 +227,8 @@ def test_flap_threshold_equals_rule():
     for block in get_blocks(model):  # every statistic from the dense model
         o, down = block.self_attn.o_proj, block.mlp.down_proj
         xo, xd = inputs_of(model, x, o).double(), inputs_of(model, x, down).double()
-        mo = (xo.var(0) * o.weight.double().pow(2).sum(0)).pow(2)  # the public code squares the attention metric
-        md = xd.var(0) * down.weight.double().pow(2).sum(0)
+        mo = (xo.var(0) * o.weight.detach().double().pow(2).sum(0)).pow(2)  # the public code squares the attention metric
+        md = xd.var(0) * down.weight.detach().double().pow(2).sum(0)
         mo, md = (mo - mo.mean()) / mo.std(), (md - md.mean()) / md.std()
         heads.append(torch.stack([mo[j * 32:(j + 1) * 32].mean() for j in range(2)]))
         neurons.append(md)

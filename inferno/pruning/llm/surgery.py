@@ -74,7 +74,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from inferno.pruning.llm.runner import get_blocks, get_weight
+from inferno.pruning.llm.runner import blocks_path, get_blocks, get_weight
 
 
 @dataclass
@@ -376,3 +376,49 @@ def apply(model: nn.Module, decisions: dict[int, BlockDecision], mode: str = "re
             kv = u["kv_heads"] - len(d.heads)
             report[i] = {"kv_heads": kv, "q_heads": kv * u["group"], "neurons": u["neurons"] - len(d.neurons)}
     return report
+
+
+# ----------------------------------------------------------------------------------- biases and whole blocks
+@torch.no_grad()
+def add_bias(module: nn.Module) -> nn.Parameter:
+    """The module's bias; an nn.Linear without one gets a zero bias (same dtype and device) first (FLAP's bias
+    compensation on Llama's bias-free o_proj / down_proj). The export records it (``pruned_biases``)."""
+    if module.bias is None:
+        w = module.weight
+        module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=w.requires_grad)
+    return module.bias
+
+
+def _attn_of(block):
+    return getattr(block, "self_attn", None) or getattr(block, "attn", None)
+
+
+def remove_blocks(model: nn.Module, layers) -> list[int]:
+    """Physically delete whole decoder blocks (ShortGPT); returns the kept blocks' indices before the call.
+
+    The attention modules' ``layer_idx`` is renumbered (KV caches index by it), ``config.num_hidden_layers`` (GPT-2:
+    ``n_layer``) and ``config.layer_types`` follow, ``config.pruned_layers`` is renumbered, and
+    ``config.removed_layers`` lists the removed blocks in the numbering of the original model (cumulative)."""
+    blocks, config = get_blocks(model), model.config
+    n = len(blocks)
+    drop = _check(layers, n, "block", "remove_blocks")
+    if len(drop) == n:
+        raise ValueError(f"cannot remove all {n} blocks; keep at least one")
+    kept = [i for i in range(n) if i not in drop]
+    original = [i for i in range(n + len(getattr(config, "removed_layers", None) or []))
+                if i not in set(getattr(config, "removed_layers", None) or [])]  # current index -> original index
+    parent_path, _, name = blocks_path(model).rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, nn.ModuleList([blocks[i] for i in kept]))
+    for new, block in enumerate(get_blocks(model)):
+        attn = _attn_of(block)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in kept]
+    record = getattr(config, "pruned_layers", None) or {}
+    if record:
+        config.pruned_layers = {str(new): record[str(old)] for new, old in enumerate(kept) if str(old) in record}
+    config.removed_layers = sorted((getattr(config, "removed_layers", None) or []) + [original[i] for i in drop])
+    return kept
