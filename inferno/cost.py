@@ -170,6 +170,34 @@ def measure_latency_ms(model: nn.Module, example, warmup: int = 3, repeats: int 
     return statistics.median(times)
 
 
+def decode_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 1,
+                        repeats: int = 3) -> float:
+    """Tokens/s of greedy decoding (KV cache on) of exactly ``new_tokens`` tokens after the prompt ``input_ids``
+    (the prefill included in the time, as a user waits for it), median over ``repeats`` after ``warmup`` runs."""
+    device = model_device(model)
+    ids = input_ids.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pad = getattr(model.config, "pad_token_id", None)
+    kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+              "do_sample": False, "use_cache": True, "pad_token_id": 0 if pad is None else pad,
+              "temperature": None, "top_p": None, "top_k": None}
+    rates = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            sync()
+            if i >= warmup:
+                rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def weight_memory_mb(model: nn.Module) -> float:
+    """Bytes of every parameter and buffer, in MiB (the memory the weights hold, before any activation)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+
+
 class LiveBytes(TorchDispatchMode):
     """Tracks the bytes held by tensors that ops create, freed when the tensors die; keeps the maximum."""
 
