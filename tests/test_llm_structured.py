@@ -172,7 +172,7 @@ def test_masked_equals_removed(name, family):
     lm, lr, ld = logits(masked, x), logits(removed, x), logits(dense, x)
     assert (lm - lr).abs().max() < 1e-5
     assert (lm - ld).abs().max() > 1e-4
-    n = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    n = lambda net: sum(p.numel() for p in net.parameters())
     assert n(removed) < n(dense)
     achieved = 1 - attn_mlp_params(removed) / attn_mlp_params(dense)
     if name in ("wanda_sp", "llm_pruner"):  # int(n x ratio) of every layer's groups and neurons

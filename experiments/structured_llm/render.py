@@ -15,6 +15,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -103,7 +104,7 @@ def ordering(rows, data) -> str:
     for t in PPL:
         for j, st in enumerate(SETTINGS):
             means = {lab: stats(data.get((t, st, lab, "value"), []))[0] for lab in labels}
-            means = {k: v for k, v in means.items() if v == v}
+            means = {k: v for k, v in means.items() if not math.isnan(v)}
             if not means:
                 continue
             ranked = sorted(means, key=means.get)
@@ -132,7 +133,7 @@ def curves(rows, data, outdir: Path) -> list[Path]:
         if panel in PPL:
             return stats(data.get((panel, setting, lab, "value"), []))[0]
         accs = [stats(data.get((t, setting, lab, "value"), []))[0] for t in zs]
-        accs = [a for a in accs if a == a]
+        accs = [a for a in accs if not math.isnan(a)]
         return statistics.fmean(accs) if accs else float("nan")
 
     paths = []
@@ -146,7 +147,7 @@ def curves(rows, data, outdir: Path) -> list[Path]:
                 for st in SETTINGS:
                     x = stats(data.get(("*", st, lab, x_col), []))[0]
                     y = quality(st, lab, panel)
-                    if x == x and y == y:
+                    if not (math.isnan(x) or math.isnan(y)):
                         pts.append((x / scale, y, st))
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=lab)
@@ -154,7 +155,7 @@ def curves(rows, data, outdir: Path) -> list[Path]:
                         ax.annotate(st, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
             dx = stats(data.get(("*", "dense", "dense", x_col), []))[0]
             dy = quality("dense", "dense", panel)
-            if dx == dx and dy == dy:
+            if not (math.isnan(dx) or math.isnan(dy)):
                 ax.plot([dx / scale], [dy], marker="*", ms=12, color="k", ls="", label="dense")
             ax.set_xlabel(xlabel)
             ax.set_title(panel)

@@ -36,6 +36,9 @@ def load_causal_lm(path, dtype="float32", device="cpu") -> nn.Module:
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.path {str(path)!r} is not a local folder with a Hugging Face model")
+    cfg = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    if cfg.get("pruned_layers") or cfg.get("pruned_biases"):  # per-layer sizes stock transformers cannot express
+        return load_pruned(path, dtype=dtype, device=device)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=_dtype(dtype), trust_remote_code=False, local_files_only=True
     )
@@ -153,20 +156,136 @@ def inject_outliers(model: nn.Module, channels="important", factor: float = 50.0
     return model
 
 
-def save_pruned(model: nn.Module, tokenizer, outdir, report: dict) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer if given + ``pruning_report.json``."""
+def _stock_biases(model: nn.Module) -> set[str]:
+    """Names (inside a block) of the linears that carry a bias in the stock architecture of ``model.config``."""
+    from inferno.pruning.llm.runner import find_linears, get_blocks
+
+    block = get_blocks(model)[0]
+    with torch.device("meta"):
+        stock = type(block)(model.config, 0)
+    return {n for n, m in find_linears(stock).items() if m.bias is not None}
+
+
+def added_biases(model: nn.Module) -> list[str]:
+    """Full names of block linears that have a bias the stock architecture lacks (FLAP's compensation)."""
+    from inferno.pruning.llm.runner import blocks_path, find_linears, get_blocks
+
+    stock, path = _stock_biases(model), blocks_path(model)
+    return [f"{path}.{i}.{n}" for i, b in enumerate(get_blocks(model)) for n, m in find_linears(b).items()
+            if m.bias is not None and n not in stock]
+
+
+def _uniform_config(model: nn.Module) -> dict | None:
+    """Config keys that let stock transformers build the pruned shapes (every layer the same sizes, Llama family,
+    head_dim kept explicit), or None when transformers cannot express them."""
+    from inferno.pruning.llm.runner import get_blocks
+    from inferno.pruning.llm.surgery import block_units
+
+    cfg = model.config
+    record = getattr(cfg, "pruned_layers", None) or {}
+    if not record:
+        return {}
+    if cfg.model_type not in ("llama", "mistral", "qwen2"):
+        return None  # OPT / GPT-2 derive head_dim from hidden / heads: a head count change is not expressible
+    sizes = {tuple(sorted(block_units(b, cfg).items())) for b in get_blocks(model)}
+    if len(sizes) != 1:
+        return None
+    u = dict(next(iter(sizes)))
+    return {"num_attention_heads": u["kv_heads"] * u["group"], "num_key_value_heads": u["kv_heads"],
+            "intermediate_size": u["neurons"], "head_dim": u["head_dim"]}
+
+
+def save_pruned(model: nn.Module, tokenizer, outdir, report: dict, structure: dict | None = None,
+                extra: dict | None = None) -> Path:
+    """``save_pretrained`` (safetensors + config) + tokenizer if given + ``pruning_report.json``.
+
+    ``report``: {linear: sparsity} (unstructured methods); ``structure``: {layer: {"heads_kept", "neurons_kept",
+    ...}} (what the surgery returned per layer); ``extra``: anything else for the report (method, sparsity, ...).
+    Where stock transformers can express the shapes (no per-layer sizes: unpruned or removed blocks only, or every
+    layer the same sizes on a Llama-family model, and no added biases), config.json describes them and a plain
+    ``AutoModelForCausalLM.from_pretrained`` reloads the model; otherwise config.json keeps ``pruned_layers`` and
+    ``pruned_biases`` and :func:`load_pruned` rebuilds it (``report["loader"]`` says which)."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # transformers >= 5 always writes safetensors
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    biases = added_biases(model)
+    uniform = None if biases else _uniform_config(model)
+    if uniform is not None:
+        cfg.update(uniform)
+        cfg.pop("pruned_layers", None)
+    if biases:
+        cfg["pruned_biases"] = biases
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     values = list(report.values())
     summary = {
         "mean_layer_sparsity": sum(values) / len(values) if values else 0.0,
         "layers": report,
+        "loader": "AutoModelForCausalLM.from_pretrained" if uniform is not None else "inferno.models.hf.load_pruned",
+        "params": sum(p.numel() for p in model.parameters()),
     }
-    (out / "pruning_report.json").write_text(json.dumps(summary, indent=2))
+    if structure is not None:
+        summary["structure"] = {str(i): {"kv_heads_kept": v.get("heads_kept"), "neurons_kept": v.get("neurons_kept"),
+                                         "kv_heads": v.get("kv_heads"), "q_heads": v.get("q_heads"),
+                                         "neurons": v.get("neurons")} for i, v in sorted(structure.items())}
+        summary["removed_blocks"] = list(getattr(model.config, "removed_layers", None) or [])
+        summary["added_biases"] = biases
+    summary |= extra or {}
+    (out / "pruning_report.json").write_text(json.dumps(summary, indent=2, default=str))
     return out
+
+
+def _state_dict_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ConfigError(f"model.path: no model.safetensors in {path}")
+    return [single]
+
+
+def load_pruned(path, dtype="float32", device="cpu") -> nn.Module:
+    """A model saved by :func:`save_pruned` (or any local causal LM) in one call: the stock architecture built
+    from config.json (never ``trust_remote_code``), every layer listed in ``pruned_layers`` shrunk to its sizes by
+    the surgery, the ``pruned_biases`` added, then the safetensors loaded strictly (tied embeddings re-tied)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from inferno.pruning.llm.runner import get_blocks
+    from inferno.pruning.llm.surgery import BlockDecision, add_bias, apply, block_units
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: no Hugging Face model (config.json) in {path}")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    record = dict(getattr(config, "pruned_layers", None) or {})
+    biases = list(getattr(config, "pruned_biases", None) or [])
+    config.pruned_layers = {}
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    blocks, decisions = get_blocks(model), {}
+    for layer, sizes in record.items():
+        u = block_units(blocks[int(layer)], config)
+        decisions[int(layer)] = BlockDecision(heads=list(range(sizes["num_key_value_heads"], u["kv_heads"])),
+                                              neurons=list(range(sizes["intermediate_size"], u["neurons"])))
+    apply(model, decisions)  # only the shapes matter: the weights come from the file
+    for name in biases:
+        add_bias(model.get_submodule(name))
+    state = {}
+    for f in _state_dict_files(path):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ConfigError(f"model.path: {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    dt = _dtype(dtype)
+    return model.to(device=device, dtype=None if dt == "auto" else dt).eval()
 
 
 # ----------------------------------------------------------------------------------- builders of conf/model
