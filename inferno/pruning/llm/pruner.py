@@ -286,12 +286,15 @@ class LLMPruner:
         prune_model(net, method, calib.ids, device=self.device, batch_size=self.batch_size, progress=self.progress,
                     sequential=self.sequential)
 
-    def select_by_kl(self, ctx, net: nn.Module) -> tuple[Calibration, dict]:
-        """Prune a copy of ``net`` with each of ``kl_seeds``' calibration draws and return the draw whose pruned
-        model has the lowest KL(P_dense || Q_pruned) on held-out windows of the calibration source (NIRVANA's
-        calibration selection, automated)."""
-        draws = {s: self.draw(net, ctx.task, seed=s) for s in self.kl_seeds}
-        held = self.held_out(net, ctx.task, [w for d in draws.values() for w in d.windows])
+    def kl_draws(self, net: nn.Module, task) -> tuple[dict[int, Calibration], Calibration]:
+        """Every ``kl_seeds`` calibration draw and the held-out windows the KL is measured on (drawn before any
+        pruning, so a source too small for them stops the run first)."""
+        draws = {s: self.draw(net, task, seed=s) for s in self.kl_seeds}
+        return draws, self.held_out(net, task, [w for d in draws.values() for w in d.windows])
+
+    def select_by_kl(self, ctx, net: nn.Module, draws: dict[int, Calibration], held: Calibration) -> tuple[Calibration, dict]:
+        """Prune a copy of ``net`` with each seed's calibration and return the draw whose pruned model has the lowest
+        KL(P_dense || Q_pruned) on the held-out windows (NIRVANA's calibration selection, automated)."""
         kls = {}
         for s, calib in draws.items():
             candidate = copy.deepcopy(net)
@@ -311,6 +314,8 @@ class LLMPruner:
         net, task = ctx.net, ctx.task
         net.eval()
         self.method.check(net)  # family and options this model cannot take: refused before any measurement
+        draws = self.kl_draws(net, task) if self.kl_seeds else None
+        drawn = self.draw(net, task) if draws is None else None
         base = attn_mlp_params(net)
         extra = {"variant": self.variant, "pattern": "structured", "target_sparsity": round(self.method.sparsity, 6),
                  "calibration": self.calibration, "nsamples": self.nsamples, "seqlen": self.seqlen,
@@ -318,12 +323,9 @@ class LLMPruner:
         if self.record_dense:
             ctx.record("dense", 0, net, TrainingCost(), extra=extra | self.decode_extra(ctx, net) | {
                 "variant": "", "pattern": "", "target_sparsity": 0.0, "calibration": "none"}, sparsity=0.0, density=1.0)
-        t0 = time.time()
-        kl = {}
-        if self.kl_seeds:
-            drawn, kl = self.select_by_kl(ctx, net)
-        else:
-            drawn = self.draw(net, task)
+        t0, kl = time.time(), {}
+        if draws is not None:
+            drawn, kl = self.select_by_kl(ctx, net, *draws)
         (ctx.run_dir / "calibration.json").write_text(json.dumps(
             {"source": self.calibration, "unit": self.unit, "seed": kl.get("kl_seed", self.seed),
              "windows": [[w.corpus, w.start, w.end] for w in drawn.windows]} | kl))
@@ -344,7 +346,7 @@ class LLMPruner:
                   "neurons_removed": sum(len(v["neurons"]) for v in d.values()),
                   "blocks_removed": len(self.method.drop)}
         if kl:
-            extra["kl"] = round(kl["kl"][kl["kl_seed"]], 6)
+            extra["kl"] = kl["kl"][kl["kl_seed"]]
         ctx.record(self.name, 1, net, TrainingCost(), extra=extra | self.decode_extra(ctx, net),
                    sparsity=1 - left / base, density=1.0)
         if self.save:
