@@ -428,7 +428,7 @@ def prune_model(
             state = capture_inputs(model, calib_inputs, device, batch_size, store_device)
             if hasattr(method, "prepare"):  # OWL, FLAP, ShortGPT: a dense measuring pass; NIRVANA: gradients
                 method.prepare(model, state.copy(), device=device, store_device=store_device, progress=progress,
-                               calib=calib_inputs)
+                               calib=calib_inputs, batch_size=batch_size)
             if getattr(method, "global_decisions", False):
                 state = None  # every decision is made: apply them without further forward passes
         # nothing reads the final block's pruned outputs: it is not rerun

@@ -248,18 +248,17 @@ class Nirvana(StructuredMethod):
 
     name = "nirvana"
 
-    def __init__(self, sparsity=0.5, gamma=3.0, round_to=8, saliency_reduce="seq", apply="remove", batch_size=8):
+    def __init__(self, sparsity=0.5, gamma=3.0, round_to=8, saliency_reduce="seq", apply="remove"):
         super().__init__(sparsity, apply)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0 or math.isinf(gamma):
             raise ConfigError(f"pruner.gamma: {gamma!r} must be a number > 0 (fraction of neurons pruned / fraction of KV groups pruned)")
         self.gamma = float(gamma)
         self.round_to = check_int("pruner.round_to", round_to, 1)
         self.reduce = check_choice("pruner.saliency_reduce", saliency_reduce, ("seq", "vocab"))
-        self.batch_size = check_int("pruner.batch_size", batch_size, 1)
         self.variant = self.reduce
 
-    def prepare(self, model, state, device="cpu", calib=None, **_):
-        saliency = first_order_saliency(model, calib, nirvana_objective(self.reduce), self.batch_size, device)
+    def prepare(self, model, state, device="cpu", calib=None, batch_size=8, **_):
+        saliency = first_order_saliency(model, calib, nirvana_objective(self.reduce), batch_size, device)
         self.decide(model, saliency)
 
     def check(self, model: nn.Module) -> None:
@@ -324,12 +323,12 @@ class LLMPrunerTaylor(StructuredMethod):
     name = "llm_pruner"
     variant = "taylor"
 
-    def __init__(self, sparsity=0.5, skip_layers=(), apply="remove", batch_size=8):
+    def __init__(self, sparsity=0.5, skip_layers=(), apply="remove"):
         super().__init__(sparsity, apply)
         skip = list(skip_layers or [])
         for i in skip:
             check_int("pruner.skip_layers", i, -(10**6), hint=" (layer indices; negative counts from the end)")
-        self.skip_layers, self.batch_size = skip, check_int("pruner.batch_size", batch_size, 1)
+        self.skip_layers = skip
 
     def skipped(self, n_layers: int) -> set[int]:
         bad = [i for i in self.skip_layers if not -n_layers <= i < n_layers]
@@ -358,8 +357,8 @@ class LLMPrunerTaylor(StructuredMethod):
         super().check(model)
         self.layer_ratio(model, self.skipped(len(get_blocks(model))))
 
-    def prepare(self, model, state, device="cpu", calib=None, **_):
-        saliency = first_order_saliency(model, calib, lm_loss, self.batch_size, device)
+    def prepare(self, model, state, device="cpu", calib=None, batch_size=8, **_):
+        saliency = first_order_saliency(model, calib, lm_loss, batch_size, device)
         blocks = get_blocks(model)
         skipped = self.skipped(len(blocks))
         self.ratio = self.layer_ratio(model, skipped)
