@@ -157,9 +157,9 @@ def build_method(name, sparsity, apply, **kw):
 
 
 @pytest.mark.parametrize("name", sorted(STRUCTURED))
-@pytest.mark.parametrize("family", ["gqa", "opt"])
+@pytest.mark.parametrize("family", ["gqa", "opt", "gpt2", "qwen2"])
 def test_masked_equals_removed(name, family):
-    dense = llama(heads=8, kv=2, layers=4) if family == "gqa" else tiny_causal_lm("opt", seed=0, layers=4)
+    dense = llama(heads=8, kv=2, layers=4) if family == "gqa" else tiny_causal_lm(family, seed=0, layers=4)
     sparsity = {"shortgpt": 0.25, "nirvana": 0.4}.get(name, 0.5)
     kw = {"gamma": 1.0} if name == "nirvana" else {}
     masked, removed = copy.deepcopy(dense), copy.deepcopy(dense)
@@ -326,3 +326,23 @@ def test_infeasible_sparsities_refused_before_work():
     bert.config = type("C", (), {"model_type": "bert"})()
     with pytest.raises(ConfigError, match="not 'bert'"):
         get_method("wanda_sp", sparsity=0.5).check(bert)
+
+
+def test_nirvana_scores_gpt2_fused_qkv_equal_brute_force():
+    """GPT-2's Conv1D stores (in, out) and fuses q|k|v along the outputs: head h owns output features h*d.. of each
+    third of c_attn, input rows h*d.. of attn.c_proj; neuron n owns c_fc output n and mlp.c_proj input n."""
+    model, x = tiny_causal_lm("gpt2", seed=0, layers=2), ids()
+    twin = copy.deepcopy(model)
+    twin(input_ids=x).logits.max(dim=1).values.mean().backward()
+    ours = first_order_saliency(model, x, nirvana_objective("seq"))
+    n, d, hidden = 4, 16, 64
+    for block, tb in zip(get_blocks(model), get_blocks(twin)):
+        S = {m: (m.weight.grad * m.weight.detach()).abs().double() for m in (tb.attn.c_attn, tb.attn.c_proj, tb.mlp.c_fc,
+                                                                            tb.mlp.c_proj)}
+        qkv, proj = S[tb.attn.c_attn], S[tb.attn.c_proj]  # (in, out) as stored
+        heads = torch.tensor([sum(float(qkv[:, t * hidden + h * d: t * hidden + (h + 1) * d].sum()) for t in range(3))
+                              + float(proj[h * d:(h + 1) * d, :].sum()) for h in range(n)], dtype=torch.float64)
+        neurons = S[tb.mlp.c_fc].sum(0) + S[tb.mlp.c_proj].sum(1)
+        hs, ns = block_unit_scores(block, model.config, ours)
+        torch.testing.assert_close(hs, heads, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ns, neurons, rtol=1e-6, atol=1e-6)

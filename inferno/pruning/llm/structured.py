@@ -43,6 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from inferno.errors import ConfigError, check_choice, check_int
 from inferno.pruning.llm import surgery
@@ -121,7 +122,8 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def first_order_saliency(model: nn.Module, calib, objective, batch_size: int = 8, device="cpu") -> dict[nn.Module, torch.Tensor]:
-    """|dF/dW * W| for every block linear's weight, F = ``objective(logits, ids)`` over the whole calibration batch.
+    """|dF/dW * W| for every block linear's weight (as (out, in)), F = ``objective(logits, ids)`` over the whole
+    calibration batch.
 
     The batch is processed in chunks of ``batch_size``; each chunk's objective is weighted by its share of the
     samples, so the accumulated gradient is the one of F on the whole batch (F is a mean over samples)."""
@@ -142,7 +144,8 @@ def first_order_saliency(model: nn.Module, calib, objective, batch_size: int = 8
                 ids = ids.to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
                 (objective(logits, ids) * (ids.shape[0] / n)).backward()
-        return {m: (w.grad * w.detach()).abs().float() for m, w in weights.items()}
+        sal = {m: (w.grad * w.detach()).abs().float() for m, w in weights.items()}
+        return {m: v.T if isinstance(m, Conv1D) else v for m, v in sal.items()}  # as (out, in), like get_weight
     finally:
         for p, flag in flags.items():
             p.grad = None
