@@ -274,6 +274,13 @@ def test_flap_constant_channel_scores_zero_and_compensated_removal_is_exact():
     assert get_blocks(pruned)[0].self_attn.o_proj.bias is not None  # compensation added a bias
     assert get_blocks(pruned)[0].self_attn.o_proj.in_features == 32
     assert (logits(pruned, x) - logits(model, x)).abs().max() < 1e-5
+    # the ablation without compensation loses the group's constant contribution
+    bare = Flap(sparsity=0.3, compensate=False)
+    bare.threshold = lambda heads, neurons, params: bare.decisions.update({0: surgery.BlockDecision(heads=[0])})
+    uncompensated = copy.deepcopy(model)
+    prune_model(uncompensated, bare, ids(8, 32, seed=2), progress=False)
+    assert get_blocks(uncompensated)[0].self_attn.o_proj.bias is None
+    assert (logits(uncompensated, x) - logits(model, x)).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------------- ShortGPT

@@ -25,7 +25,7 @@ _thesis = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_thesis)
 stats, fmt = _thesis.stats, _thesis.fmt  # mean ± std over seeds, the same formatting as thesis_llm
 
-ORDER = ["dense", "nirvana", "nirvana_kl", "flap", "wanda_sp", "llm_pruner", "shortgpt"]
+ORDER = ["dense", "nirvana", "nirvana_kl", "flap", "flap_nocomp", "wanda_sp", "llm_pruner", "shortgpt"]
 SETTINGS = ["20%", "30%", "50%"]
 PPL = ["wikitext2", "shakespeare"]
 ZERO_SHOT = ["boolq", "piqa", "arc_easy", "arc_challenge"]
@@ -36,6 +36,8 @@ LITERATURE = {"flap": (14.62, 17.62, 31.80), "wanda_sp": (22.12, 38.88, 366.43)}
 def label(row: dict) -> str:
     if row["method"] == "nirvana" and row.get("kl") not in (None, ""):
         return "nirvana_kl"
+    if row["method"] == "flap" and row.get("variant") == "wifv_nocomp":
+        return "flap_nocomp"
     return row["method"]
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from inferno.errors import ConfigError, check_choice, check_int
+from inferno.errors import ConfigError, check_bool, check_choice, check_int
 from inferno.pruning.llm import surgery
 from inferno.pruning.llm.methods import BlockMethod
 from inferno.pruning.llm.runner import calibration_chunks, get_blocks, get_weight, run_layers
@@ -432,14 +432,17 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 class Flap(StructuredMethod):
     """FLAP (see module docstring). ``attn_power``: the attention channels' metric is raised to this power before
-    standardising (2 in the public code, 1 as the paper writes the metric)."""
+    standardising (2 in the public code, 1 as the paper writes the metric). ``compensate=False`` skips the bias
+    compensation (an ablation; the paper and code compensate)."""
 
     name = "flap"
     variant = "wifv"
 
-    def __init__(self, sparsity=0.5, attn_power=2, apply="remove"):
+    def __init__(self, sparsity=0.5, attn_power=2, compensate=True, apply="remove"):
         super().__init__(sparsity, apply)
         self.attn_power = check_choice("pruner.attn_power", attn_power, (1, 2))
+        self.compensate = check_bool("pruner.compensate", compensate)
+        self.variant = "wifv" if self.compensate else "wifv_nocomp"
         self.compensation: dict[int, list[tuple[nn.Module, torch.Tensor]]] = {}
 
     def make_stats(self, in_features, device="cpu"):
@@ -503,8 +506,8 @@ class Flap(StructuredMethod):
     def prune_block(self, block):
         """Bias compensation on the output linears, then the decision: b += W[:, removed] @ mean(X[removed])."""
         d = self.decisions.get(block.index)
-        if d is None:
-            return None
+        if d is None or not self.compensate:
+            return d
         c = surgery.coupled(block.module, block.config)
         for (module, mean), units, slices in zip(self.compensation[block.index], (d.heads, d.neurons), (c.heads, c.neurons)):
             s = next(s for s in slices if s.dim == "in")
