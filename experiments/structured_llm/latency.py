@@ -71,7 +71,8 @@ def main() -> None:
     for f in sorted(root.glob(f"*/{a.task}/*/*/seed*/structure.json")):
         structure = json.loads(f.read_text())
         rows = (f.parent / "points.csv").read_text().splitlines()
-        label = "nirvana_kl" if "kl_seed" in structure else structure["method"]
+        label = ("nirvana_kl" if "kl_seed" in structure else
+                 "flap_nocomp" if structure.get("variant") == "wifv_nocomp" else structure["method"])
         models.append({"label": label, "setting": f"{round(structure['target_sparsity'] * 100)}%",
                        "seed": f.parent.name, "net": rebuild(dense, structure), "cell": str(f.parent), "rows": len(rows)})
     ids = torch.randint(3, dense.config.vocab_size, (1, a.seqlen), generator=torch.Generator().manual_seed(0))

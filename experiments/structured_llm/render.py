@@ -152,7 +152,8 @@ def curves(rows, data, outdir: Path) -> list[Path]:
                     if not (math.isnan(x) or math.isnan(y)):
                         pts.append((x / scale, y, st))
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=lab)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=lab,
+                            color=f"C{ORDER.index(lab) % 10}")  # one colour per method in every panel
                     for x, y, st in pts:
                         ax.annotate(st, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
             dx = stats(data.get(("*", "dense", "dense", x_col), []))[0]
@@ -167,9 +168,10 @@ def curves(rows, data, outdir: Path) -> list[Path]:
             else:
                 ax.set_ylabel("accuracy (higher is better)")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
+        handles = {lab: h for ax in axes[0] for h, lab in zip(*ax.get_legend_handles_labels())}
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
         fig.suptitle("bench LM, structured pruning: quality against " + xlabel.split(" (")[0])
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         path = outdir / fname
         fig.savefig(path, dpi=110)
         plt.close(fig)
