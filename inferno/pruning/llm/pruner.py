@@ -1,6 +1,7 @@
-"""The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|inferno_task``).
+"""The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|inferno_task``, and the structured
+``pruner=nirvana|flap|wanda_sp|llm_pruner|shortgpt``: :meth:`LLMPruner.run_structured`).
 
-One class for the five methods: ``method`` selects ``methods.get_method``, every other option
+One class for every method: ``method`` selects ``methods.get_method``, every other option
 either says where the calibration comes from (``calibration``, ``nsamples``, ``seqlen``, ``seed``,
 ``generate``) or goes to the method (``sparsity``, ``pattern``, ``group``, ``score``, ``base``, ...).
 ``run(ctx)``: record the dense point, draw the calibration, prune through the one sequential runner
