@@ -1,4 +1,4 @@
-"""The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|inferno_task``, and the structured
+"""The Hydra-facing LLM pruner (``pruner=magnitude|wanda|sparsegpt|owl|mosaic|inferno_task``, and the structured
 ``pruner=nirvana|flap|wanda_sp|llm_pruner|shortgpt``: :meth:`LLMPruner.run_structured`).
 
 One class for every method: ``method`` selects ``methods.get_method``, every other option
@@ -134,6 +134,8 @@ class LLMPruner:
             return m.score
         if self.name == "owl":
             return m.base.name
+        if self.name == "mosaic":
+            return m.variant
         return m.group
 
     # ------------------------------------------------------------------ calibration
@@ -253,6 +255,8 @@ class LLMPruner:
         if getattr(self.method, "outlier_ratios", None):
             layers["owl_outlier_ratios"] = self.method.outlier_ratios
             layers["owl_layer_sparsity"] = self.method.base.per_layer
+        if hasattr(self.method, "report"):  # Mosaic: the POD and the per-projection allocation
+            layers |= self.method.report()
         (ctx.run_dir / "sparsity.json").write_text(json.dumps(layers, indent=2))
         extra = self.extra(ctx, calib_tokens) | {"calib_s": round(calib_s, 3), "prune_s": round(prune_s, 3),
                                                  "min_layer_sparsity": round(min(report.values()), 6),
