@@ -102,3 +102,73 @@ def test_sparsegpt_base_reaches_each_allocation():
 def test_bad_options(kw, key):
     with pytest.raises(ConfigError, match=key):
         get_method("mosaic", sparsity=0.5, **kw)
+
+
+# ----------------------------------------------------------------------------------- composite
+def composite(apply="remove", fraction=0.5, sparsity=0.5):
+    model = tiny_model("llama", seed=0, layers=3, outliers=True, outlier_count=2, outlier_factor=20.0)
+    x = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    method = get_method("mosaic_composite", sparsity=sparsity, base="wanda", mosaic_m=3.0, structured_fraction=fraction,
+                        apply=apply)
+    return model, x, method
+
+
+def block_weights(model):
+    return [mod.weight for b in get_blocks(model) for mod in find_linears(b).values()]
+
+
+def test_composite_structured_part_masked_equals_removed():
+    model, x, m_rm = composite("remove")
+    _, _, m_mask = composite("mask")
+    removed, masked = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(removed, m_rm.structured, x, progress=False)
+    prune_model(masked, m_mask.structured, x, progress=False)
+    assert m_rm.structured.summary() == m_mask.structured.summary() and m_rm.structured.decisions
+    with torch.no_grad():
+        lr, lm = removed(input_ids=x).logits, masked(input_ids=x).logits
+    assert (lr - lm).abs().max() < 1e-5
+    # the groups' structured fractions follow the pod rule: parameter-weighted mean = sparsity x fraction
+    st = m_rm.structured
+    assert st.sparsity == pytest.approx(0.25)
+    assert st.lam == pytest.approx(min(0.08, 0.25 / 2))
+    t, n = st.group_fractions, st.group_sizes
+    assert sum(n[k] * t[k] for k in t) / sum(n.values()) == pytest.approx(0.25, abs=1e-9)
+    keys = sorted(t, key=lambda k: st.group_ratios[k])  # outlier-heavy groups lose fewer units
+    assert all(t[a] >= t[b] - 1e-12 for a, b in itertools.pairwise(keys))
+
+
+def test_composite_reaches_the_total_target():
+    model, x, method = composite("remove", fraction=0.5, sparsity=0.6)
+    total = sum(w.numel() for w in block_weights(model))
+    net = copy.deepcopy(model)
+    for stage in method.stages(net):
+        prune_model(net, stage, x, progress=False)
+    kept = sum(int((w != 0).sum()) for w in block_weights(net))
+    assert sum(w.numel() for w in block_weights(net)) < total  # physically smaller
+    assert 1 - kept / total == pytest.approx(0.6, abs=0.005)
+    assert method.report()["structured"]["decisions"]
+
+
+def test_composite_bad_fraction():
+    with pytest.raises(ConfigError, match="pruner.structured_fraction"):
+        get_method("mosaic_composite", sparsity=0.5, structured_fraction=1.5)
+
+
+def test_composite_through_the_configs_exports_a_smaller_model(compose_cfg, tmp_path):
+    from inferno.models.hf import load_model
+    from inferno.run import run
+    from inferno.tracking import read_points
+
+    corpus = tmp_path / "corpus.raw"
+    corpus.write_text("It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 120)
+    cfg = compose_cfg("model=tiny_llama", "model.layers=3", "task=wikitext2", f"task.path={corpus}", "task.limit=4",
+                      "task.seqlen=64", "pruner=mosaic_composite", "pruner.calibration=task", "pruner.nsamples=8",
+                      "pruner.seqlen=64", "pruner.base=wanda", "pruner.structured_fraction=0.5", "pruner.sparsity=0.6",
+                      "save=true", "logger=none", "hardware.progress_bar=false", "hardware.latency_repeats=2")
+    run(cfg, tmp_path / "run")
+    dense, pruned = read_points(tmp_path / "run" / "points.csv")
+    assert pruned["method"] == "mosaic_composite" and pruned["variant"] == "wanda_pod_f0.5"
+    assert float(pruned["sparsity"]) == pytest.approx(0.6, abs=0.005)
+    assert int(pruned["params"]) < int(dense["params"]) and float(pruned["prune_s"]) > 0
+    back = load_model(str(tmp_path / "run" / "model"))
+    assert sum(p.numel() for p in back.parameters()) == int(pruned["params"])

@@ -315,10 +315,10 @@ METHODS: dict[str, type[PruningMethod]] = {
 def get_method(name: str, **kwargs) -> PruningMethod | BlockMethod:
     """Build a method by name (unstructured: :data:`METHODS`; structured: ``structured.STRUCTURED``); options not
     accepted by that method are an error naming the accepted ones."""
-    from inferno.pruning.llm.mosaic import Mosaic
+    from inferno.pruning.llm.mosaic import Mosaic, MosaicComposite
     from inferno.pruning.llm.structured import STRUCTURED
 
-    methods = {**METHODS, "mosaic": Mosaic, **STRUCTURED}
+    methods = {**METHODS, "mosaic": Mosaic, "mosaic_composite": MosaicComposite, **STRUCTURED}
     if name not in methods:
         raise ConfigError(f"unknown pruner {name!r}; allowed: {list(methods)}")
     cls = methods[name]

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from inferno.errors import ConfigError, check_choice
+from inferno.pruning.llm import surgery
 from inferno.pruning.llm.methods import PruningMethod, SparseGPT, Wanda
-from inferno.pruning.llm.runner import get_blocks, get_weight, run_layers
+from inferno.pruning.llm.runner import find_linears, get_blocks, get_weight, run_layers
 from inferno.pruning.llm.scores import InputNorms, wanda
+from inferno.pruning.llm.structured import StructuredMethod, lowest, unit_params, unit_scores
 
 ALLOCATIONS = ("pod", "reference")
 
@@ -150,3 +152,111 @@ class Mosaic(PruningMethod):
                 "mosaic_ratios": {key(k): v for k, v in self.ratios.items()},
                 "mosaic_sparsity": {key(k): v for k, v in self.per_projection.items()}}
 
+
+
+# ----------------------------------------------------------------------------------- composite projection pruning
+def _nonzero(model: nn.Module) -> int:
+    return sum(int((get_weight(m) != 0).sum()) for b in get_blocks(model) for m in find_linears(b).values())
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(get_weight(m).numel() for b in get_blocks(model) for m in find_linears(b).values())
+
+
+class MosaicStructured(StructuredMethod):
+    """The composite's structured part (the project's design: the public code has no structured half). From one
+    dense pass: per block, the POD ratio of its attention projections together and of its MLP projections together;
+    these groups get structured fractions by the ``pod`` rule (parameter-weighted mean exactly ``sparsity``, fewer
+    units from outlier-heavy groups); within a group the units with the lowest Wanda-sp scores go (KV group: sum over
+    its o_proj columns of mean_i |W_o[i, j]| * ||X_j||; neuron: the same on down_proj). Every layer keeps a KV group."""
+
+    name = "mosaic_composite"
+    variant = "structured"
+
+    def __init__(self, sparsity=0.1, mosaic_m=5.0, mosaic_lambda=0.05, apply="remove"):
+        super().__init__(sparsity, apply)
+        self.m, self.lam = float(mosaic_m), float(mosaic_lambda)
+        self.group_ratios: dict[tuple[int, str], float] = {}
+        self.group_fractions: dict[tuple[int, str], float] = {}
+
+    def prepare(self, model, state, device="cpu", store_device="cpu", progress=True, **_):
+        scores, sizes, units = {}, {}, {}
+
+        def process(b):
+            c, u = surgery.coupled(b.module, b.config), surgery.block_units(b.module, b.config)
+            pg, pn = unit_params(b.module, b.config)
+            for kind, slices, n, per in (("attn", c.heads, u["kv_heads"], pg), ("mlp", c.neurons, u["neurons"], pn)):
+                mods = list(dict.fromkeys(s.module for s in slices))
+                names = {m: next(k for k, v in b.linears.items() if v is m) for m in mods}
+                every = torch.cat([wanda(get_weight(m), b.stats[names[m]]).flatten() for m in mods])
+                self.group_ratios[(b.index, kind)] = outlier_ratio(every, self.m)
+                sizes[(b.index, kind)] = n * per
+                out = next(s for s in slices if s.dim == "in")
+                w = get_weight(out.module).float().abs()
+                sal = {out.module: w.mean(0, keepdim=True) * b.stats[names[out.module]].norms.to(w.device)}
+                scores[(b.index, kind)] = unit_scores([out], sal, n)
+                units[(b.index, kind)] = n
+            return False
+
+        run_layers(model, state, range(state.next_layer, len(get_blocks(model))), process,
+                   lambda name, mod: InputNorms(get_weight(mod).shape[1], device), device, store_device,
+                   "mosaic_composite[pod]", progress)
+        self.group_sizes = sizes
+        self.group_fractions = allocate_pod(self.group_ratios, sizes, self.sparsity, self.lam)
+        drop: dict[int, dict[str, list[int]]] = {}
+        for key, t in self.group_fractions.items():
+            n = units[key]
+            k = min(round(max(0.0, t) * n), n - 1 if key[1] == "attn" else n)
+            drop.setdefault(key[0], {})[key[1]] = lowest(scores[key], k)
+        for i, d in drop.items():
+            if d.get("attn") or d.get("mlp"):
+                self.decisions[i] = surgery.BlockDecision(heads=d.get("attn", []), neurons=d.get("mlp", []))
+
+
+class MosaicComposite(Mosaic):
+    """Composite projection pruning (``pruner=mosaic_composite``; the project's design, see
+    :class:`MosaicStructured`): a structured part removes ``structured_fraction`` of the parameters to remove as
+    whole KV groups / neurons (physically, or masked with ``apply="mask"``), then Mosaic's per-projection
+    unstructured pruning of what remains reaches ``sparsity`` of the block linears' weights in total.
+    ``stages(model)`` yields the two methods for the one runner, in order."""
+
+    name = "mosaic_composite"
+
+    def __init__(self, sparsity=0.5, pattern="unstructured", base="sparsegpt", mosaic_m=5.0, mosaic_lambda=0.08,
+                 allocation="pod", group=None, blocksize=128, percdamp=0.01, structured_fraction=0.25, apply="remove"):
+        if isinstance(structured_fraction, bool) or not isinstance(structured_fraction, (int, float)) \
+                or not 0 <= structured_fraction <= 1:
+            raise ConfigError(f"pruner.structured_fraction: {structured_fraction!r} must be a number in [0, 1] (the "
+                              "share of the removed parameters taken by whole units)")
+        s = float(sparsity)
+        self.target, self.fraction = s, float(structured_fraction)
+        self.structured_target = s * self.fraction
+        # the unstructured part's sparsity on what the structured part leaves, if that part hits its target exactly
+        rest = (s - self.structured_target) / (1 - self.structured_target) if self.structured_target < 1 else 0.0
+        super().__init__(rest, pattern, base, mosaic_m, mosaic_lambda, allocation, group, blocksize, percdamp)
+        # the structured groups' spread: at most lambda, and never below zero
+        self.structured = MosaicStructured(self.structured_target, mosaic_m, min(float(mosaic_lambda),
+                                           self.structured_target / 2), apply)
+        self.apply = self.structured.apply
+
+    @property
+    def variant(self) -> str:
+        return f"{self.base.name}_{self.allocation}_f{self.fraction:g}"
+
+    def stages(self, model: nn.Module):
+        before = _numel(model)
+        nonzero = _nonzero(model)
+        if self.fraction > 0:
+            yield self.structured
+        removed = nonzero - _nonzero(model)
+        rest = (self.target * before - removed) / max(1, before - removed)
+        self.sparsity = self.base.sparsity = min(max(rest, 0.0), 0.99)
+        if self.sparsity > 0:
+            yield self
+
+    def report(self) -> dict:
+        return super().report() | {"structured_fraction": self.fraction, "structured_target": self.structured_target,
+                                   "unstructured_sparsity": self.sparsity,
+                                   "group_ratios": {f"{i}.{k}": v for (i, k), v in self.structured.group_ratios.items()},
+                                   "group_fractions": {f"{i}.{k}": v for (i, k), v in self.structured.group_fractions.items()},
+                                   "structured": self.structured.summary()}

@@ -134,7 +134,7 @@ class LLMPruner:
             return m.score
         if self.name == "owl":
             return m.base.name
-        if self.name == "mosaic":
+        if self.name in ("mosaic", "mosaic_composite"):
             return m.variant
         return m.group
 
@@ -245,10 +245,15 @@ class LLMPruner:
                 {"source": self.calibration, "unit": self.unit, "seed": self.seed,
                  "windows": [[w.corpus, w.start, w.end] for w in drawn.windows]}))
         t0 = time.time()
-        report = prune_model(net, self.method, calib, device=self.device, batch_size=self.batch_size,
-                             progress=self.progress, sequential=self.sequential)
+        before = sum(get_weight(m).numel() for m in prunable_linears(net).values())
+        stages = self.method.stages(net) if hasattr(self.method, "stages") else [self.method]
+        report = {}
+        for stage in stages:  # mosaic_composite: whole units first (physically), then per-projection masks
+            report = prune_model(net, stage, calib, device=self.device, batch_size=self.batch_size,
+                                 progress=self.progress, sequential=self.sequential)
         prune_s = time.time() - t0
-        achieved = zero_fraction(net)
+        # the fraction of the block linears' weights gone, removed or zeroed (= the zero fraction when shapes stay)
+        achieved = 1 - sum(int((get_weight(m) != 0).sum()) for m in prunable_linears(net).values()) / before
         calib_tokens = 0 if calib is None else int(calib.numel() if torch.is_tensor(calib) else sum(x.numel() for x in calib))
         layers = {"method": self.name, "variant": self.variant, "pattern": self.method.pattern,
                   "target_sparsity": self.method.sparsity, "achieved_sparsity": achieved, "layers": report}
@@ -259,8 +264,11 @@ class LLMPruner:
             layers |= self.method.report()
         (ctx.run_dir / "sparsity.json").write_text(json.dumps(layers, indent=2))
         extra = self.extra(ctx, calib_tokens) | {"calib_s": round(calib_s, 3), "prune_s": round(prune_s, 3),
-                                                 "min_layer_sparsity": round(min(report.values()), 6),
-                                                 "max_layer_sparsity": round(max(report.values()), 6)}
+                                                 "min_layer_sparsity": round(min(report.values(), default=0), 6),
+                                                 "max_layer_sparsity": round(max(report.values(), default=0), 6)}
+        if hasattr(self.method, "structured_target"):  # mosaic_composite: the two parts
+            extra |= {"structured_fraction": self.method.fraction, "unstructured_sparsity": round(self.method.sparsity, 6),
+                      "target_sparsity": round(self.method.target, 6)}
         if ":" in str(self.method.pattern):  # N:M: also time the 2:4 sparse kernels where they run
             hw = ctx.cfg.hardware
             sp = measure_sparse_latency(net, ctx.example(), prunable_linears(net).values(), repeats=hw.latency_repeats)
@@ -275,7 +283,8 @@ class LLMPruner:
 
             tok = getattr(task, "tokenizer", None)
             tok = tok if hasattr(tok, "save_pretrained") else None
-            save_pruned(net, tok, ctx.run_dir / "model", report)
+            structure = getattr(getattr(self.method, "structured", None), "structure", None)
+            save_pruned(net, tok, ctx.run_dir / "model", report, structure=structure)
 
     # ------------------------------------------------------------------ structured methods
     def decode_extra(self, ctx, net: nn.Module) -> dict:
