@@ -149,9 +149,13 @@ def test_composite_reaches_the_total_target():
     assert method.report()["structured"]["decisions"]
 
 
-def test_composite_bad_fraction():
+def test_composite_bad_fraction_and_family():
     with pytest.raises(ConfigError, match="pruner.structured_fraction"):
         get_method("mosaic_composite", sparsity=0.5, structured_fraction=1.5)
+    bert = torch.nn.Module()
+    bert.config = type("C", (), {"model_type": "bert"})()
+    with pytest.raises(ConfigError, match="not 'bert'"):
+        get_method("mosaic_composite", sparsity=0.5).check(bert)
 
 
 def test_composite_through_the_configs_exports_a_smaller_model(compose_cfg, tmp_path):

@@ -243,6 +243,10 @@ class MosaicComposite(Mosaic):
     def variant(self) -> str:
         return f"{self.base.name}_{self.allocation}_f{self.fraction:g}"
 
+    def check(self, model: nn.Module) -> None:
+        """A family without structured support is refused before any calibration (one line)."""
+        self.structured.check(model)
+
     def stages(self, model: nn.Module):
         before = _numel(model)
         nonzero = _nonzero(model)

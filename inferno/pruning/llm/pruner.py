@@ -232,6 +232,8 @@ class LLMPruner:
             return self.run_structured(ctx)
         net, task = ctx.net, ctx.task
         net.eval()
+        if hasattr(self.method, "check"):  # mosaic_composite: the model family must support structured surgery
+            self.method.check(net)
         if self.record_dense:  # density = 1 - the zero fraction of the prunable linears (what the runner prunes)
             zeros = zero_fraction(net)
             ctx.record("dense", 0, net, TrainingCost(), extra=self.extra(ctx, 0) | {"variant": "", "pattern": "",
