@@ -47,6 +47,16 @@ def large_llama(vocab: int = 4096) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor / machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 TEXT = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"
 
 
@@ -81,7 +91,7 @@ def bench(name: str, dense, args, device, dtype) -> dict:
     for _ in range(args.rounds):
         for k, m in models.items():
             prefill[k].append(measure_latency_ms(m, {"input_ids": ids}, warmup=2, repeats=args.repeats))
-            decode[k].append(decode_tokens_per_s(m, ids[:, :32], new_tokens=args.decode, warmup=1, repeats=1))
+            decode[k].append(decode_tokens_per_s(m, ids[:, : args.decode_prompt], new_tokens=args.decode, warmup=1, repeats=1))
     rows = {}
     for k, m in models.items():
         rows[k] = {"params": sum(p.numel() for p in m.parameters()), "weight_mb": weight_memory_mb(m),
@@ -95,13 +105,13 @@ def bench(name: str, dense, args, device, dtype) -> dict:
               "peak_memory_saving": 1 - s["peak_mem_mb"] / d["peak_mem_mb"],
               "param_saving": 1 - s["params"] / d["params"]}
     print(f"\n== {name}: {args.method} at {args.sparsity:.0%} of attention + MLP parameters, prefill {seqlen} tokens, "
-          f"decode {args.decode} tokens, {args.rounds} interleaved rounds (prune {prune_s:.1f} s)")
+          f"decode {args.decode} tokens after {min(args.decode_prompt, seqlen)}, {args.rounds} interleaved rounds (prune {prune_s:.1f} s)")
     print(f"{'model':>11} {'params':>12} {'weights MB':>11} {'prefill ms':>11} {'decode tok/s':>13} {'peak MB':>9}")
     for k, r in rows.items():
         print(f"{k:>11} {r['params']:>12,d} {r['weight_mb']:>11.1f} {r['prefill_ms']:>11.2f} {r['decode_tok_s']:>13.1f} "
               f"{r['peak_mem_mb']:>9.1f}")
     print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
-    return {"seqlen": seqlen, "prune_s": prune_s, "models": rows, "ratios": ratios}
+    return {"seqlen": seqlen, "decode_prompt": min(args.decode_prompt, seqlen), "prune_s": prune_s, "models": rows, "ratios": ratios}
 
 
 def main() -> None:
@@ -112,6 +122,7 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--seqlen", type=int, default=None, help="prefill tokens (default 128 bench LM, 512 large)")
     p.add_argument("--decode", type=int, default=64, help="new tokens of greedy decoding")
+    p.add_argument("--decode-prompt", type=int, default=32, help="prompt tokens before decoding (the first of the prefill ids)")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
@@ -126,7 +137,7 @@ def main() -> None:
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bfloat16" if a.device == "cuda" else "float32")]
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "device": a.device,
-           "device_name": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine(),
+           "device_name": torch.cuda.get_device_name() if a.device == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(), "dtype": str(dtype), "method": a.method, "sparsity": a.sparsity, "results": {}}
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {out['device_name']}, "
           f"{out['threads']} threads, {dtype}")
