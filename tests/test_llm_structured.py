@@ -210,14 +210,19 @@ def test_llm_pruner_equals_grouped_taylor_rule_with_skipped_layer():
     lg = twin(input_ids=x).logits
     F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), x[:, 1:].reshape(-1)).backward()
     S = {mod: (mod.weight.grad * mod.weight.detach()).abs() for b in get_blocks(twin) for mod in parts(b)}
-    m = get_method("llm_pruner", sparsity=0.4, skip_layers=[0])
+    m = get_method("llm_pruner", sparsity=0.3, skip_layers=[0], ratio_rule="total")
     prune_model(copy.deepcopy(model), m, x, progress=False, batch_size=2)
-    assert m.ratio == pytest.approx(0.4 * 3 / 2)  # equal layers: two pruned layers carry the whole model's 40 %
+    assert m.ratio == pytest.approx(0.3 * 3 / 2)  # equal layers: two pruned layers carry the whole model's 30 %
     assert 0 not in m.decisions
     for i in (1, 2):
         bh, bn = brute_unit_scores(get_blocks(twin)[i], S, 8, 2)
-        assert m.decisions[i].heads == sorted(torch.argsort(bh)[: int(2 * 0.6)].tolist())
-        assert m.decisions[i].neurons == sorted(torch.argsort(bn)[: int(128 * 0.6)].tolist())
+        # the public code's count: n - int(n (1 - r))
+        assert m.decisions[i].heads == sorted(torch.argsort(bh)[: 2 - int(2 * (1 - 0.45))].tolist())
+        assert m.decisions[i].neurons == sorted(torch.argsort(bn)[: 128 - int(128 * (1 - 0.45))].tolist())
+    ref = get_method("llm_pruner", sparsity=0.4, skip_layers=[0])  # per_layer: 40 % of every pruned layer
+    prune_model(copy.deepcopy(model), ref, x, progress=False, batch_size=2)
+    assert ref.ratio == 0.4 and 0 not in ref.decisions
+    assert len(ref.decisions[1].neurons) == 128 - int(128 * 0.6)
 
 
 # ----------------------------------------------------------------------------------- FLAP
@@ -326,7 +331,9 @@ def test_infeasible_sparsities_refused_before_work():
     with pytest.raises(ConfigError, match="all 4 blocks"):
         get_method("shortgpt", sparsity=0.9).check(model)
     with pytest.raises(ConfigError, match="skip_layers"):
-        get_method("llm_pruner", sparsity=0.5, skip_layers=[0, 1, 2]).check(model)
+        get_method("llm_pruner", sparsity=0.5, skip_layers=[0, 1, 2], ratio_rule="total").check(model)
+    with pytest.raises(ConfigError, match="all 2 KV groups"):  # the public code's count: 2 - int(2 x 0.4) = 2
+        get_method("llm_pruner", sparsity=0.6).check(model)
     with pytest.raises(ConfigError, match="skip_layers"):
         get_method("llm_pruner", sparsity=0.5, skip_layers=[7]).check(model)
     bert = torch.nn.Module()

@@ -18,7 +18,8 @@ KV head h // g) serves every method.
   ``logits.max(dim=1)``; ``vocab``: the max over the vocabulary, averaged over tokens, an ablation). One global
   ranking for KV groups and one for neurons; the fraction of neurons pruned is ``gamma`` times the fraction of
   KV groups pruned, and together they remove ``sparsity`` of the attention + MLP parameters. Each layer keeps at
-  least one KV group; kept neurons per layer are rounded up to a multiple of ``round_to``. The KL-based choice
+  least one KV group (its best-scoring one; the public code keeps the highest-indexed); kept neurons per layer are
+  rounded up to a multiple of ``round_to`` and are at least ``round_to``, as the public code. The KL-based choice
   of calibration seed is made by the pruner (``LLMPruner``, ``kl_seeds``).
 * ``flap`` (An et al. 2024): fluctuation metric of each input channel of o_proj / down_proj (variance of the
   channel over the calibration tokens x squared norm of the weight column) from one pass over the dense model,
@@ -29,8 +30,9 @@ KV head h // g) serves every method.
   mean_i |W_o[i, j]| * ||X_j||_2, neuron score = mean_i |W_down[i, j]| * ||X_j||_2; the same ratio in every
   layer, layer after layer on the pruned model's activations.
 * ``llm_pruner`` (Ma et al. 2023): first-order Taylor |W * dL/dW| with the LM loss, summed over each coupled
-  group, the same ratio in every pruned layer (``skip_layers`` are left whole, the ratio in the others is raised
-  so the model loses ``sparsity`` of its attention + MLP parameters).
+  group, the same ratio in every pruned layer, n - int(n (1 - r)) units of each (the public code's count);
+  ``skip_layers`` are left whole; ``ratio_rule=total`` (a project option) raises the others' ratio so the model
+  loses ``sparsity`` of its attention + MLP parameters.
 * ``shortgpt`` (Men et al. 2024): block influence BI_i = mean over tokens of 1 - cos(h_i, h_{i+1}) on the
   hidden states before the final norm (one dense pass); the blocks with the lowest BI are removed, as many as
   make up ``sparsity`` of the attention + MLP parameters (rounded to whole blocks).
@@ -296,7 +298,7 @@ class Nirvana(StructuredMethod):
         drop_neurons = self.global_lowest(neurons, self.allocation["neurons"], keep_min=0)
         for i in range(len(blocks)):
             kept = neurons[i].numel() - len(drop_neurons[i])
-            rounded = min(neurons[i].numel(), math.ceil(kept / self.round_to) * self.round_to)
+            rounded = min(neurons[i].numel(), max(self.round_to, math.ceil(kept / self.round_to) * self.round_to))
             # rounding up keeps the highest-scoring of the neurons the global threshold dropped
             worst_first = sorted(drop_neurons[i], key=lambda j: (float(neurons[i][j]), j))
             drop_neurons[i] = sorted(worst_first[: len(drop_neurons[i]) - (rounded - kept)])
@@ -326,8 +328,9 @@ class LLMPrunerTaylor(StructuredMethod):
     name = "llm_pruner"
     variant = "taylor"
 
-    def __init__(self, sparsity=0.5, skip_layers=(), apply="remove"):
+    def __init__(self, sparsity=0.5, skip_layers=(), ratio_rule="per_layer", apply="remove"):
         super().__init__(sparsity, apply)
+        self.ratio_rule = check_choice("pruner.ratio_rule", ratio_rule, ("per_layer", "total"))
         skip = list(skip_layers or [])
         for i in skip:
             check_int("pruner.skip_layers", i, -(10**6), hint=" (layer indices; negative counts from the end)")
@@ -340,8 +343,9 @@ class LLMPrunerTaylor(StructuredMethod):
         return {i % n_layers for i in self.skip_layers}
 
     def layer_ratio(self, model: nn.Module, skipped: set[int]) -> float:
-        """The per-layer ratio that removes ``sparsity`` of the whole model's attention + MLP parameters when the
-        skipped layers keep everything (= ``sparsity`` when nothing is skipped)."""
+        """The ratio of every pruned layer: ``sparsity`` itself (``ratio_rule=per_layer``, the public code), or
+        (``total``, a project option) raised so the whole model loses ``sparsity`` of its attention + MLP parameters
+        when the skipped layers keep everything (= ``sparsity`` when nothing is skipped)."""
         blocks = get_blocks(model)
         per = []
         for block in blocks:
@@ -350,15 +354,28 @@ class LLMPrunerTaylor(StructuredMethod):
         pruned = sum(p for i, p in enumerate(per) if i not in skipped)
         if not pruned:
             raise ConfigError("pruner.skip_layers: every layer is skipped; nothing to prune")
+        if self.ratio_rule == "per_layer":  # the public code: the ratio itself in every pruned layer
+            return self.sparsity
         ratio = self.sparsity * sum(per) / pruned
         if ratio >= 1:
             raise ConfigError(f"pruner.sparsity={self.sparsity}: the {len(blocks) - len(skipped)} layers not in "
                               f"pruner.skip_layers would need a ratio of {ratio:.2f} >= 1")
         return ratio
 
+    @staticmethod
+    def count(n: int, ratio: float) -> int:
+        """Units pruned of ``n`` at ``ratio``: n - int(n (1 - r)), the public code's count."""
+        return n - int(n * (1 - ratio))
+
     def check(self, model: nn.Module) -> None:
         super().check(model)
-        self.layer_ratio(model, self.skipped(len(get_blocks(model))))
+        blocks = get_blocks(model)
+        skipped = self.skipped(len(blocks))
+        ratio = self.layer_ratio(model, skipped)
+        for i, block in enumerate(blocks):
+            if i not in skipped:
+                n = surgery.block_units(block, model.config)["kv_heads"]
+                check_ratio_fits(i, self.count(n, ratio), n, "KV groups")
 
     def prepare(self, model, state, device="cpu", calib=None, batch_size=8, **_):
         saliency = first_order_saliency(model, calib, lm_loss, batch_size, device)
@@ -369,7 +386,9 @@ class LLMPrunerTaylor(StructuredMethod):
             if i in skipped:
                 continue
             hs, ns = block_unit_scores(block, model.config, saliency)
-            self.decisions[i] = uniform_decision(i, hs, ns, self.ratio)
+            nh, nn_ = self.count(hs.numel(), self.ratio), self.count(ns.numel(), self.ratio)
+            check_ratio_fits(i, nh, hs.numel(), "KV groups")
+            self.decisions[i] = surgery.BlockDecision(heads=lowest(hs, nh), neurons=lowest(ns, nn_))
 
 
 # ----------------------------------------------------------------------------------- Wanda-sp

@@ -33,6 +33,15 @@ Interface
 ``apply(model, decisions: {layer: BlockDecision}, mode="remove" | "mask") -> {layer: {"kv_heads", "q_heads", "neurons"}}``
     both over every listed block; the report gives the sizes *in effect* after the call (for
     ``"mask"``: the units that are not zeroed by this call). Blocks not listed are untouched.
+``resize_block(block, config, kv_heads, neurons, layer=None) -> dict``
+    shrink a block to the given sizes, keeping its first units (``remove_from_block`` of the rest): the shapes of a
+    saved pruned block, rebuilt before its weights are loaded (``models.hf.load_pruned``).
+``add_bias(module) -> nn.Parameter``
+    the module's bias, a zero one first where an ``nn.Linear`` has none (FLAP's bias compensation on Llama's
+    o_proj / down_proj); Conv1D always has one.
+``remove_blocks(model, layers) -> kept``
+    delete whole decoder blocks (ShortGPT) and renumber what indexes by layer (``layer_idx``, ``num_hidden_layers``,
+    ``layer_types``, ``pruned_layers``); ``config.removed_layers`` lists them in the original numbering.
 
 ``layer`` (optional, block-level functions) names the layer in error messages and in the config
 record; when omitted it is read from ``self_attn.layer_idx`` / ``attn.layer_idx``.
@@ -378,6 +387,17 @@ def apply(model: nn.Module, decisions: dict[int, BlockDecision], mode: str = "re
     return report
 
 
+def resize_block(block: nn.Module, config, kv_heads: int, neurons: int, layer: int | None = None) -> dict:
+    """Shrink a block to ``kv_heads`` KV heads and ``neurons`` MLP neurons, keeping its first units (the shapes of a
+    saved pruned block, before its weights are loaded); returns what ``remove_from_block`` returns."""
+    u = block_units(block, config)
+    if not (1 <= kv_heads <= u["kv_heads"] and 0 <= neurons <= u["neurons"]):
+        raise ValueError(f"{_layer_name(block, config, layer)}: cannot resize {u['kv_heads']} KV heads / {u['neurons']} "
+                         f"neurons to {kv_heads} / {neurons} (only shrinking, at least one KV head)")
+    decision = BlockDecision(heads=list(range(kv_heads, u["kv_heads"])), neurons=list(range(neurons, u["neurons"])))
+    return remove_from_block(block, config, decision, layer)
+
+
 # ----------------------------------------------------------------------------------- biases and whole blocks
 @torch.no_grad()
 def add_bias(module: nn.Module) -> nn.Parameter:
@@ -387,10 +407,6 @@ def add_bias(module: nn.Module) -> nn.Parameter:
         w = module.weight
         module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=w.requires_grad)
     return module.bias
-
-
-def _attn_of(block):
-    return getattr(block, "self_attn", None) or getattr(block, "attn", None)
 
 
 def remove_blocks(model: nn.Module, layers) -> list[int]:
@@ -403,22 +419,22 @@ def remove_blocks(model: nn.Module, layers) -> list[int]:
     n = len(blocks)
     drop = _check(layers, n, "block", "remove_blocks")
     if len(drop) == n:
-        raise ValueError(f"cannot remove all {n} blocks; keep at least one")
+        raise ValueError(f"remove_blocks: cannot remove all {n} blocks ({drop}); keep at least one")
     kept = [i for i in range(n) if i not in drop]
-    original = [i for i in range(n + len(getattr(config, "removed_layers", None) or []))
-                if i not in set(getattr(config, "removed_layers", None) or [])]  # current index -> original index
+    removed = list(getattr(config, "removed_layers", None) or [])
+    original = [i for i in range(n + len(removed)) if i not in removed]  # current index -> original index
     parent_path, _, name = blocks_path(model).rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, nn.ModuleList([blocks[i] for i in kept]))
     for new, block in enumerate(get_blocks(model)):
-        attn = _attn_of(block)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new
+        for module in block.modules():  # self-attention (and GPT-2's cross-attention): caches index by layer_idx
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in kept]
     record = getattr(config, "pruned_layers", None) or {}
     if record:
         config.pruned_layers = {str(new): record[str(old)] for new, old in enumerate(kept) if str(old) in record}
-    config.removed_layers = sorted((getattr(config, "removed_layers", None) or []) + [original[i] for i in drop])
+    config.removed_layers = sorted(removed + [original[i] for i in drop])
     return kept
