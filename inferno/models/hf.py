@@ -256,7 +256,7 @@ def load_pruned(path, dtype="float32", device="cpu") -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from inferno.pruning.llm.runner import get_blocks
-    from inferno.pruning.llm.surgery import BlockDecision, add_bias, apply, block_units
+    from inferno.pruning.llm.surgery import add_bias, resize_block
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -266,12 +266,9 @@ def load_pruned(path, dtype="float32", device="cpu") -> nn.Module:
     biases = list(getattr(config, "pruned_biases", None) or [])
     config.pruned_layers = {}
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    blocks, decisions = get_blocks(model), {}
-    for layer, sizes in record.items():
-        u = block_units(blocks[int(layer)], config)
-        decisions[int(layer)] = BlockDecision(heads=list(range(sizes["num_key_value_heads"], u["kv_heads"])),
-                                              neurons=list(range(sizes["intermediate_size"], u["neurons"])))
-    apply(model, decisions)  # only the shapes matter: the weights come from the file
+    blocks = get_blocks(model)
+    for layer, sizes in record.items():  # only the shapes matter: the weights come from the file
+        resize_block(blocks[int(layer)], config, sizes["num_key_value_heads"], sizes["intermediate_size"], int(layer))
     for name in biases:
         add_bias(model.get_submodule(name))
     state = {}
