@@ -170,6 +170,11 @@ def measure_latency_ms(model: nn.Module, example, warmup: int = 3, repeats: int 
     return statistics.median(times)
 
 
+def throughput(model: nn.Module, example: torch.Tensor, warmup: int = 2, repeats: int = 5) -> float:
+    """Examples per second of inference on a batch ``example`` (its first dimension), from the median latency."""
+    return example.shape[0] / (measure_latency_ms(model, example, warmup, repeats) / 1e3)
+
+
 def decode_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 1,
                         repeats: int = 3) -> float:
     """Tokens/s of greedy decoding (KV cache on) of exactly ``new_tokens`` tokens after the prompt ``input_ids``

@@ -3,6 +3,7 @@ write the points. Returns the objective (the pruner's best quality) for sweepers
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from inferno.config import build, build_node  # noqa: F401  (re-exported for callers of run)
-from inferno.cost import TrainingCost, count_macs, measure, run_device, to_device
+from inferno.cost import TrainingCost, count_macs, measure, run_device, throughput, to_device
 from inferno.errors import ConfigError
 from inferno.tracking import AXES, Point, Tracker
 from inferno.training import TrainConfig, Trainers
@@ -135,14 +136,21 @@ class RunContext:
         linear / convolution of ``net``) unless given; the ``device`` column says where ``net`` ran."""
         hw = self.cfg.hardware
         net.to(self.device)
-        c = measure(net, self.example(), latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats,
+        mux = getattr(net, "mux_n", 1)  # a multiplexed encoder: one forward serves mux sentences
+        c = measure(net, self.example(mux), latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats,
                     prunable=prunable)
+        if mux > 1:  # MACs per sentence
+            c = dataclasses.replace(c, macs=c.macs // mux, effective_macs=c.effective_macs // mux)
+        extra = dict(extra or {})
+        tb = getattr(self.task, "throughput_batch", None)
+        if tb:  # sentences/s at the task's fixed batch and sequence length (encoders)
+            extra.setdefault("throughput", round(throughput(net, self.example(tb), repeats=hw.latency_repeats), 2))
+            extra.setdefault("mux_n", mux)
         if sparsity is None:
             base = sum(p.numel() for p in self._dense[0].parameters()) if self._dense else c.params
             sparsity = 1.0 - c.params / base
         metric = self.cfg.task.metric
         scores = dict(scores or self.evaluate(net, "test"))
-        extra = dict(extra or {})
         if getattr(self.task, "has_val", False) and "val_value" not in extra:
             extra["val_value"] = self.evaluate(net, "val")[metric]
         extra.update({k: v for k, v in scores.items() if k != metric})
@@ -158,13 +166,22 @@ class RunContext:
         return self.tracker.add(point)
 
 
+# The task kinds each model kind runs (a model kind not listed runs tasks of its own kind).
+TASK_KINDS = {"encoder": ("sequence_classification",)}
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks across groups that Hydra's schema cannot express; one line naming the key on failure."""
-    if cfg.model.kind != cfg.task.kind:
+    runs = TASK_KINDS.get(cfg.model.kind, (cfg.model.kind,))
+    if cfg.task.kind not in runs:
+        need = [m for m, t in TASK_KINDS.items() if cfg.task.kind in t] or [cfg.task.kind]
         raise ConfigError(
             f"model: {cfg.model.name} is a {cfg.model.kind} model and cannot run task {cfg.task.name} "
-            f"({cfg.task.kind}); pick a {cfg.task.kind} model"
+            f"({cfg.task.kind}); pick a {' or '.join(need)} model"
         )
+    head, labels = cfg.model.get("num_classes"), cfg.task.get("num_classes")
+    if head is not None and labels is not None and head != labels:
+        raise ConfigError(f"model.num_classes: the head has {head} classes but task {cfg.task.name} has {labels} labels")
     allowed = cfg.pruner.get("kinds")
     if allowed and cfg.model.kind not in allowed:
         raise ConfigError(f"pruner: {cfg.pruner.name} supports {', '.join(allowed)} models, not {cfg.model.kind}")

@@ -24,9 +24,9 @@ COLUMNS = (
 COST_COLUMNS = ("effective_macs", "density")
 # Columns ``curve.png`` can plot quality against (``plot.x_axes``).
 AXES = ("macs", "effective_macs", "params", "latency_ms", "peak_mem_mb", "train_samples", "train_macs", "sparsity",
-        "density", "wall_s")
+        "density", "wall_s", "throughput", "decode_tok_s")
 # Axes where more is cheaper (a front is then the best quality at >= x); on the others more costs more.
-BENEFIT_AXES = frozenset({"sparsity"})
+BENEFIT_AXES = frozenset({"sparsity", "throughput", "decode_tok_s"})
 # Fractions in [0, 1]: plotted on a linear x axis.
 FRACTION_AXES = frozenset({"sparsity", "density"})
 HIGHER_IS_BETTER = {"accuracy": True, "acc": True, "acc_norm": True, "perplexity": False, "task_nll": False, "loss": False}

@@ -36,6 +36,7 @@ BLOCK_PATHS = {
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "opt": "model.decoder.layers",
+    "bert": "bert.encoder.layer",  # models.encoder.EncoderClassifier (a BertModel at .bert)
     "gpt2": "transformer.h",
 }
 

@@ -219,7 +219,42 @@ class _GPT2(_Family):
         attn.split_size = n_kv * attn.head_dim  # forward: c_attn(x).split(self.split_size, dim=2)
 
 
-FAMILIES = {"llama": _Llama, "mistral": _Llama, "qwen2": _Llama, "opt": _OPT, "gpt2": _GPT2}
+class _Bert(_Family):
+    """BERT encoders (MiniLM): attention.self.query/key/value (multi-head) + attention.output.dense; the MLP is
+    intermediate.dense / output.dense directly in the layer. The forward views with ``-1`` heads, so only
+    ``num_attention_heads`` / ``all_head_size`` are kept truthful."""
+
+    @staticmethod
+    def parts(block):
+        return block.attention, block
+
+    @staticmethod
+    def head_dim(attn):
+        return attn.self.attention_head_size
+
+    @staticmethod
+    def kv_heads(attn):
+        return get_weight(attn.self.key).shape[0] // attn.self.attention_head_size
+
+    @staticmethod
+    def neurons(mlp):
+        return get_weight(mlp.intermediate.dense).shape[0]
+
+    @staticmethod
+    def slices(attn, mlp, n_kv, g, d):
+        s = attn.self
+        heads = [Slice(s.query, "out", 0, d), Slice(s.key, "out", 0, d), Slice(s.value, "out", 0, d),
+                 Slice(attn.output.dense, "in", 0, d)]
+        neurons = [Slice(mlp.intermediate.dense, "out", 0, 1), Slice(mlp.output.dense, "in", 0, 1)]
+        return heads, neurons
+
+    @staticmethod
+    def update(attn, mlp, n_kv, g, n_neurons):
+        attn.self.num_attention_heads = n_kv
+        attn.self.all_head_size = n_kv * attn.self.attention_head_size
+
+
+FAMILIES = {"llama": _Llama, "mistral": _Llama, "qwen2": _Llama, "opt": _OPT, "gpt2": _GPT2, "bert": _Bert}
 
 
 def _family(config):
@@ -303,6 +338,9 @@ def mask_block(block: nn.Module, config, decision: BlockDecision, layer: int | N
             if not idx:
                 continue
             idx = torch.as_tensor(idx, device=module.weight.device)
+            if hasattr(module, "zero_"):  # an adapter-carrying linear (SPLoRA) zeroes its adapter too
+                module.zero_(idx, dim)
+                continue
             w = get_weight(module)  # (out, in); a view for Conv1D, so writes reach the parameter
             if dim == "out":
                 w[idx, :] = 0
@@ -313,7 +351,11 @@ def mask_block(block: nn.Module, config, decision: BlockDecision, layer: int | N
 
 
 def _shrink(module: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Tensor | None) -> None:
-    """Keep only the given output rows / input columns of an nn.Linear or Conv1D, in place."""
+    """Keep only the given output rows / input columns of an nn.Linear or Conv1D, in place (a module with its own
+    ``shrink_``, e.g. a SPLoRA linear, shrinks its adapter with its base weight)."""
+    if hasattr(module, "shrink_"):
+        module.shrink_(keep_out, keep_in)
+        return
     w = get_weight(module)
     if keep_out is not None:
         w = w.index_select(0, keep_out.to(w.device))
