@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inferno.errors import ConfigError
