@@ -211,7 +211,7 @@ def test_cli_prunes_minilm_on_sst2(compose_cfg, tmp_path, shared_data):
     cfg = compose_cfg("model=minilm", "task=sst2", "pruner=encoder_structured", "logger=none", "model.mux_n=2",
                       "task.train_size=64", "task.val_size=32", "hardware.limit_batches=2", "train.dense_epochs=1",
                       "pruner.sparsities=[0.5]", "pruner.score_samples=16", "pruner.distill=true",
-                      "hardware.progress_bar=false", "hardware.latency_repeats=1", "task.throughput_batch=8")
+                      "hardware.progress_bar=false", "hardware.latency_repeats=1", "hardware.latency_batch_size=1", "task.throughput_batch=8")
     run(cfg, tmp_path)
     rows = read_points(tmp_path / "points.csv")
     assert [r["method"] for r in rows] == ["dense", "encoder_structured"]
@@ -227,3 +227,28 @@ def _num(v):
         return float(v)
     except ValueError:
         return v
+
+
+def test_cli_splora_trains_only_adapters_and_prunes_them_with_the_base(compose_cfg, tmp_path, shared_data):
+    from inferno.run import run
+
+    r, h, f = 4, 384, 1536
+    cfg = compose_cfg("model=minilm", "task=sst2", "pruner=splora", "logger=none", f"pruner.rank={r}",
+                      "task.train_size=32", "task.val_size=32", "hardware.limit_batches=1", "train.dense_epochs=1",
+                      "pruner.sparsities=[0.5]", "pruner.score_samples=8", "pruner.baseline=false",
+                      "hardware.progress_bar=false", "hardware.latency_repeats=1", "hardware.latency_batch_size=1", "task.throughput_batch=4")
+    run(cfg, tmp_path)
+    rows = [{k: _num(v) for k, v in row.items()} for row in read_points(tmp_path / "points.csv")]
+    assert [(x["method"], x["target_sparsity"]) for x in rows] == [("splora", 0.0), ("splora", 0.5)]
+
+    def stored(d_attn, d_ffn):  # r|in| + r|out| + |out| per adapted linear of a layer, 6 layers, + the 2-class head
+        per = 3 * (r * h + r * d_attn + d_attn) + (r * d_attn + r * h + h)
+        per += (r * h + r * d_ffn + d_ffn) + (r * d_ffn + r * h + h)
+        return 6 * per + (h * 2 + 2)
+
+    assert rows[0]["trained_params"] == stored(h, f)
+    assert rows[1]["trained_params"] == stored(h // 2, f // 2)  # the adapters lost the pruned rows / columns too
+    dense = EncoderClassifier(num_classes=2)
+    removed = 6 * (6 * (3 * (32 * h + 32) + 32 * h) + 768 * (2 * h + 1))  # 6 heads and 768 neurons per layer
+    assert rows[1]["params"] == sum(p.numel() for p in dense.parameters()) - removed
+    assert rows[1]["sparsity"] == pytest.approx(0.5, abs=1e-6)
