@@ -21,6 +21,9 @@ Interface
     fc1 rows + bias, fc2 columns. GPT-2: the fused q|k|v output features of ``c_attn`` (three slices of
     one Conv1D, at offsets 0, n*d, 2n*d) + bias, ``c_proj`` input features; ``c_fc`` outputs + bias,
     the MLP's ``c_proj`` inputs.
+    BERT encoders (``models.encoder.EncoderClassifier``, blocks at ``bert.encoder.layer``): query/key/value
+    rows + biases, ``attention.output.dense`` columns; ``intermediate.dense`` rows + bias, ``output.dense`` columns.
+    A linear carrying its own ``shrink_`` / ``zero_`` (a SPLoRA adapter) removes / zeroes its adapter with it.
 ``mask_block(block, config, decision, layer=None) -> None``
     zero the coupled weights (and the bias entries of removed rows) in place; shapes unchanged. This
     is exactly the function of the removed block: a removed head gives q = k = v = 0 (uniform attention
