@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     for task in tasks:
         mine = [r for r in rows if r["task"] == task]
-        lines += [f"\n## {task}\n", "| sparsity (target / achieved) | method | accuracy | params | trained params per task "
-                  "| MACs/sentence (M) | throughput (sent/s) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"\n## {task}\n", ("| sparsity (target / achieved) | method | accuracy | params | trained params per task "
+                  "| MACs/sentence (M) | throughput (sent/s) |"), "|---|---|---|---|---|---|---|"]
         for r in sorted(mine, key=lambda r: (float(r["target_sparsity"]), r["method"])):
             lines.append(f"| {float(r['target_sparsity']):.1f} / {float(r['sparsity']):.3f} | {r['method']} | "
                          f"{float(r['value']):.4f} | {int(r['params']):,} | {int(float(r['trained_params'])):,} | "
