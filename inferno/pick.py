@@ -52,13 +52,13 @@ def _num(v):
 
 
 def load_points(paths) -> list[dict]:
-    """Every row of every ``points.csv`` under ``paths`` (folders searched recursively, or csv files), numbers
-    parsed, ``source`` = the run folder."""
+    """Every row of every ``points.csv`` under ``paths`` (folders searched recursively; where a folder has none, its
+    ``points*.csv`` files, as ``results/`` stores them), or csv files; numbers parsed, ``source`` = the run folder."""
     rows = []
     for p in map(Path, paths):
         if not p.exists():
             raise ValueError(f"{p}: no such file or folder")
-        files = [p] if p.is_file() else sorted(p.rglob("points.csv"))
+        files = [p] if p.is_file() else (sorted(p.rglob("points.csv")) or sorted(p.rglob("points*.csv")))
         if not files:
             raise ValueError(f"{p}: no points.csv under it")
         for f in files:

@@ -45,24 +45,31 @@ def main(argv=None) -> int:
                 raise ValueError("--prumux: no dense point with mux_n 1 to measure the loss against")
             print(pick.prumux_report(pts, dense, budgets=(args.max_loss,)))
             return 0
-        best, table = pick.pick(rows, args.max_loss, args.by, args.relative, args.reference_value)
+        groups = list(dict.fromkeys((r.get("model"), r.get("task")) for r in rows))
+        answers = [(g, *pick.pick([r for r in rows if (r.get("model"), r.get("task")) == g], args.max_loss, args.by,
+                                  args.relative, args.reference_value)) for g in groups]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"best": best, "table": table}, indent=1, default=str))
+        print(json.dumps([{"model": g[0], "task": g[1], "best": best, "table": table} for g, best, table in answers],
+                         indent=1, default=str))
         return 0
-    for c in sorted(table, key=lambda c: (not c["feasible"], c[args.by])):
-        loss = "-" if c["loss"] is None else f"{c['loss']:+.4f}"
-        print(f"{'*' if c is best else ' '} {'ok ' if c['feasible'] else 'no '} loss {loss}  {fmt(c, args.by)}")
     unit = "relative " if args.relative else ""
-    ref = best["reference"] if best else None
-    if best is None:
-        print(f"no configuration within {unit}loss {args.max_loss}")
-        return 1
-    print(f"within {unit}loss {args.max_loss} of dense ({best['metric']} {ref:.4f}): cheapest by {args.by} is "
-          f"{fmt(best, args.by)}")
-    return 0
+    found = 0
+    for (model, task), best, table in answers:
+        if len(answers) > 1:
+            print(f"\n## model {model}, task {task}")
+        for c in sorted(table, key=lambda c: (not c["feasible"], c[args.by])):
+            loss = "-" if c["loss"] is None else f"{c['loss']:+.4f}"
+            print(f"{'*' if c is best else ' '} {'ok ' if c['feasible'] else 'no '} loss {loss}  {fmt(c, args.by)}")
+        if best is None:
+            print(f"{model} on {task}: no configuration within {unit}loss {args.max_loss}")
+            continue
+        found += 1
+        print(f"{model} on {task}: within {unit}loss {args.max_loss} of dense ({best['metric']} {best['reference']:.4f}): "
+              f"cheapest by {args.by} is {fmt(best, args.by)}")
+    return 0 if found else 1
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_cli(tmp_path, capsys):
     root = runs(tmp_path)
     assert cli.main([str(root), "--max-loss", "0.05", "--by", "latency_ms"]) == 0
     out = capsys.readouterr().out
-    assert "cheapest by latency_ms is method=uniform setting=0.5" in out
+    assert "m on t: within loss 0.05 of dense (accuracy 0.9100): cheapest by latency_ms is method=uniform setting=0.5" in out
     assert cli.main([str(tmp_path / "nowhere"), "--max-loss", "0.05"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "nowhere" in err[0]
