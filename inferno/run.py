@@ -73,19 +73,21 @@ class RunContext:
         return count_macs(net, self.example())
 
     def finetune(self, net: nn.Module, epochs: float, cost: TrainingCost, train: TrainConfig | None = None,
-                 val_history: list | None = None) -> None:
+                 val_history: list | None = None, callbacks: list | None = None) -> None:
         """Train ``net`` in place (with ``train``, default the run's recipe) and add the examples it processed
-        (and their MACs) to ``cost``; with a ``val_history`` list, every epoch's validation accuracy lands in it."""
-        samples = self.trainers.fit(net, self.task, epochs, train or self.train, val_history)
+        (and their MACs) to ``cost``; with a ``val_history`` list, every epoch's validation accuracy lands in it;
+        ``callbacks``: extra Lightning callbacks of this fit."""
+        samples = self.trainers.fit(net, self.task, epochs, train or self.train, val_history, callbacks)
         cost.add(samples, self.macs(net))
 
     def evaluate(self, net: nn.Module, split: str = "test") -> dict[str, float]:
         """Every metric the task reports for ``net`` on ``split`` (``val`` selects, ``test`` reports)."""
         return self.task.evaluate(net, split, self.trainers)
 
-    def dense(self) -> tuple[nn.Module, TrainingCost]:
+    def dense(self, callbacks: list | None = None) -> tuple[nn.Module, TrainingCost]:
         """The trained start model and what it cost; trained once per run (or loaded from
-        ``model.checkpoint``), saved as ``dense.safetensors`` and recorded as the ``dense`` point."""
+        ``model.checkpoint``), saved as ``dense.safetensors`` and recorded as the ``dense`` point. ``callbacks``
+        (Lightning callbacks) watch its training, when this call is the one that trains it."""
         if self._dense is None:
             from safetensors.torch import load_file
 
@@ -96,7 +98,7 @@ class RunContext:
                     raise ConfigError(f"model.checkpoint: file {ckpt} not found")
                 net.load_state_dict(load_file(ckpt))
             else:
-                self.finetune(net, self.cfg.train.dense_epochs, cost)
+                self.finetune(net, self.cfg.train.dense_epochs, cost, callbacks=callbacks)
             self.save_net(net, "dense")
             self.dense_point = self.record("dense", 0, net, cost)
             self._dense = (net, cost)

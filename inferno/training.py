@@ -154,12 +154,14 @@ class Trainers:
         )
 
     def fit(self, net: nn.Module, task, epochs: float, train: TrainConfig | None = None,
-            val_history: list | None = None) -> int:
+            val_history: list | None = None, callbacks: list | None = None) -> int:
         """Train ``net`` in place for ``epochs`` on ``task``; returns the number of training examples processed.
-        With a ``val_history`` list, the validation accuracy after every epoch is appended to it."""
-        return self.fit_module(ClassificationModule(net, train, epochs), task, epochs, val_history)
+        With a ``val_history`` list, the validation accuracy after every epoch is appended to it; ``callbacks``
+        are extra Lightning callbacks for this fit (e.g. one that keeps the weights of an early iteration)."""
+        return self.fit_module(ClassificationModule(net, train, epochs), task, epochs, val_history, callbacks)
 
-    def fit_module(self, module: ClassificationModule, task, epochs: float, val_history: list | None = None) -> int:
+    def fit_module(self, module: ClassificationModule, task, epochs: float, val_history: list | None = None,
+                   callbacks: list | None = None) -> int:
         """Fit any ClassificationModule (e.g. a supernet's) on ``task``'s training split; examples processed."""
         if epochs > 0:
             module.net.train()
@@ -169,6 +171,7 @@ class Trainers:
             trainer = self.make(epochs)
             if val_history is not None:
                 trainer.callbacks.append(_ValHistory(val_history))
+            trainer.callbacks.extend(callbacks or [])
             trainer.fit(module, train_dataloaders=task.train_dataloader(), **kw)
         module.net.to(self.device)
         return module.samples_seen

@@ -29,14 +29,15 @@ class SqueezeExcite(nn.Module):
 
 class Bottleneck(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, project: bool = False, se_reduction: int = 16,
-                 mid: int | None = None, se: int | None = None):
+                 mid: int | None = None, se: int | None = None, mid2: int | None = None):
         super().__init__()
         mid = mid or max(1, out_ch // 4)
+        mid2 = mid2 or mid  # conv2's outputs: the same as conv1's unless channel surgery cut them apart
         self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
+        self.conv2 = nn.Conv2d(mid, mid2, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid2)
+        self.conv3 = nn.Conv2d(mid2, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
         self.se = SqueezeExcite(out_ch, se_reduction, se)
         self.act = nn.SiLU()
@@ -47,7 +48,11 @@ class Bottleneck(nn.Module):
         )
 
     def spec(self) -> dict:
-        return {"mid": self.conv1.out_channels, "out": self.conv3.out_channels, "se": self.se.reduce.out_channels}
+        """``mid`` (conv1's outputs), ``out``, ``se``; ``mid2`` (conv2's outputs) only where it differs from ``mid``."""
+        spec = {"mid": self.conv1.out_channels, "out": self.conv3.out_channels, "se": self.se.reduce.out_channels}
+        if self.conv2.out_channels != self.conv1.out_channels:
+            spec["mid2"] = self.conv2.out_channels
+        return spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn1(self.conv1(x)))
@@ -114,7 +119,8 @@ class MicroCNN(nn.Module):
             stage = []
             for j, b in enumerate(stage_spec):
                 stride = 2 if (i > 0 and j == 0) else 1
-                stage.append(Bottleneck(in_ch, b["out"], stride=stride, project=j == 0, mid=b["mid"], se=b["se"]))
+                stage.append(Bottleneck(in_ch, b["out"], stride=stride, project=j == 0, mid=b["mid"], se=b["se"],
+                                        mid2=b.get("mid2")))
                 in_ch = b["out"]
             blocks.append(nn.Sequential(*stage))
         self.stages = nn.ModuleList(blocks)
