@@ -54,6 +54,7 @@ from inferno.models.microcnn import MicroCNN
 from inferno.models.resnet20 import ResNet20
 from inferno.pruning.cnn.masks import (
     apply_masks,
+    copy_net,
     current_masks,
     global_topk_masks,
     kept_count,
@@ -218,7 +219,7 @@ def apply_plan(net: nn.Module, example: torch.Tensor, plan: ShrinkPlan) -> int:
 def shrink(sparse: nn.Module, example: torch.Tensor, probe: torch.Tensor, constants: str = "fold") -> tuple[nn.Module, ShrinkPlan]:
     """A physically smaller copy of the sparse model ``sparse`` (eval mode, BatchNorm folded, zero-filter
     channels removed per ``constants``) and the plan it followed; ``sparse`` is untouched."""
-    net = make_permanent(copy.deepcopy(sparse)).eval()
+    net = make_permanent(copy_net(sparse)).eval()
     fold_batchnorm(net)
     plan = shrink_plan(net, example, probe, constants)
     apply_plan(net, example, plan)

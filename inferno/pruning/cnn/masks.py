@@ -9,6 +9,7 @@ saving, surgery or counting). A mask is a bool tensor of the weight's shape, Tru
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -59,6 +60,15 @@ def make_permanent(net: nn.Module) -> nn.Module:
         if is_masked(m):
             prune.remove(m, "weight")
     return net
+
+
+def copy_net(net: nn.Module) -> nn.Module:
+    """A deep copy that also works on a masked net after a forward (its ``weight`` is then a non-leaf tensor,
+    which deepcopy refuses): the masked weights are recomputed detached first, with the same values."""
+    for m in net.modules():
+        if is_masked(m):
+            m.weight = (m.weight_orig * m.weight_mask).detach()
+    return copy.deepcopy(net)
 
 
 def kept_count(masks: dict[str, torch.Tensor]) -> int:

@@ -123,7 +123,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, ignored: list[nn.Mod
     if ignored is None:
         ignored = [model.head] if hasattr(model, "head") else []
     names = {m: n for n, m in model.named_modules()}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    with torch.enable_grad():  # the graph is traced through autograd, also when called under no_grad
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     out = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
         producers, consumers, seen = [], [], set()
@@ -146,7 +147,8 @@ def remove_channels(model: nn.Module, example: torch.Tensor, plan: dict[str, lis
     gates); returns the number of parameters removed. Channels are given in the root's current indexing."""
     before = sum(p.numel() for p in model.parameters())
     modules = dict(model.named_modules())
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     groups = []
     for root, idxs in plan.items():
         if idxs:
