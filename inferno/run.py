@@ -126,7 +126,7 @@ class RunContext:
     def record(
         self, method: str, step: int, net: nn.Module, cost: TrainingCost, extra: dict | None = None,
         sparsity: float | None = None, scores: dict[str, float] | None = None,
-        prunable: Iterable[nn.Module] | None = None, density: float | None = None,
+        prunable: Iterable[nn.Module] | None = None, density: float | None = None, example=None,
     ) -> Point:
         """Move ``net`` to the run's device, measure it (cost model, then the task's metrics), add its point.
 
@@ -135,11 +135,14 @@ class RunContext:
         defaults to the fraction of the dense model's parameters removed (structured pruning); unstructured
         methods pass the fraction of zeros. ``scores`` skips the evaluation when the caller has it.
         ``density`` (non-zero fraction of the weights) is over ``prunable``'s weights (default: every
-        linear / convolution of ``net``) unless given; the ``device`` column says where ``net`` ran."""
+        linear / convolution of ``net``) unless given; the ``device`` column says where ``net`` ran. ``example``
+        replaces the task's input for the cost model (a step-wise model's one step; its latency batch is
+        ``hardware.latency_batch_size`` copies of it)."""
         hw = self.cfg.hardware
         net.to(self.device)
         mux = getattr(net, "mux_n", 1)  # a multiplexed encoder: one forward serves mux sentences
-        c = measure(net, self.example(mux), latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats,
+        example = self.example(mux) if example is None else to_device(example, self.device)
+        c = measure(net, example, latency_batch_size=hw.latency_batch_size, repeats=hw.latency_repeats,
                     prunable=prunable)
         if mux > 1:  # MACs per sentence
             c = dataclasses.replace(c, macs=c.macs // mux, effective_macs=c.effective_macs // mux)
@@ -169,7 +172,7 @@ class RunContext:
 
 
 # The task kinds each model kind runs (a model kind not listed runs tasks of its own kind).
-TASK_KINDS = {"encoder": ("sequence_classification",)}
+TASK_KINDS = {"encoder": ("sequence_classification",), "temporal": ("streaming",)}
 
 
 def validate(cfg: DictConfig) -> None:
