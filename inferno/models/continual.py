@@ -160,7 +160,8 @@ def _convert(module: nn.Module, frame_kernel: str, where: str) -> nn.Module:
             ("conv2", _conv(module.conv2, frame_kernel, f"{where}.conv2")), ("bn2", module.bn2)]))
         if not module.residual:
             return co.Sequential(main, nn.ReLU())
-        skip = co.Skip(module.shrink)  # offline: x[:, :, shrink:]; stepping: the current input, after the warm-up
+        # offline: x[:, :, shrink:]; stepping: the current input, after the warm-up (kernel 1: no shrink, no delay)
+        skip = co.Skip(module.shrink) if module.shrink else co.Identity()
         if module.proj is not None:
             skip = co.Sequential(skip, _conv(module.proj, frame_kernel, f"{where}.proj"))
         return co.Sequential(co.BroadcastReduce(skip, main, reduce="sum", auto_delay=False), nn.ReLU())

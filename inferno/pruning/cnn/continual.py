@@ -114,6 +114,10 @@ class ContinualPruner:
         if not isinstance(ctx.net, TemporalConvNet):
             raise ConfigError(f"model: {ctx.model_name} ({type(ctx.net).__name__}) is not a temporal model; "
                               "pruner=continual needs model=temporal_cnn")
+        window, rf = getattr(ctx.task, "window", None), ctx.net.receptive_field
+        if window is None or window < rf:
+            raise ConfigError(f"task.window: {window} is shorter than the model's receptive field {rf}; set "
+                              f"task.window >= {rf}")
         dense, dense_cost = ctx.dense()
         hw = ctx.cfg.hardware
         metric = ctx.cfg.task.metric
