@@ -13,7 +13,8 @@ follows is **the project's design from that description** (labelled so in the RE
    together. A unit is a group whose producers are convolutions and which has more than ``min_channels`` channels.
    A group with several producers (a residual stream: the stem or a projection shortcut and every block's last conv
    added to it; MicroCNN's SE gate multiplied into it) is one unit whose statistics pool its producers'
-   (``multi_producer=pool``), or is never made structured (``multi_producer=skip``).
+   (``multi_producer=pool``), or is never made structured (``multi_producer=skip``, the default: cutting a
+   residual stream to its density wrecked training in results/reconvene, keeping it whole did not).
 3. **Sensitivity** (lower = less sensitive), every kind relative to the network's average so that ``threshold=1``
    means "less sensitive than average":
    ``sparsity`` (default; the paper's test as summarised): the unit's density under the unstructured mask over the
@@ -283,7 +284,7 @@ class ReconvenePruner:
     def __init__(self, densities: Sequence[float] = (0.1, 0.03), scores: Sequence[str] = ("snip", "synflow"),
                  include_head: bool = True, snip_samples: int = 256, synflow_rounds: int = 100,
                  synflow_double: bool = True, sensitivity: str = "sparsity", threshold: float = 1.0,
-                 structured_fraction: float | None = None, multi_producer: str = "pool", min_channels: int = 1,
+                 structured_fraction: float | None = None, multi_producer: str = "skip", min_channels: int = 1,
                  keep_masks: bool = True, reinit: str = "affected", calib_samples: int = 256,
                  train_epochs: float | None = None, unstructured: bool = True, record_dense: bool = True):
         self.densities = check_densities(densities)
