@@ -17,22 +17,14 @@ import itertools
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from inferno.errors import ConfigError, check_int
+from inferno.tasks.lm import check_range, ranges_overlap
+from inferno.tasks.splits import TensorSplitLoaders
 
 
-def _check_range(key: str, r) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in r)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: {r!r} must be [start, end], fractions of the text with 0 <= start < end <= 1") from None
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ConfigError(f"{key}: {[lo, hi]} must be [start, end], fractions of the text with 0 <= start < end <= 1")
-    return lo, hi
-
-
-class CharStreamTask:
+class CharStreamTask(TensorSplitLoaders):
     """See the module docstring. Metric ``accuracy`` (top-1 next character) on the test part; ``val`` selects."""
 
     metric = "accuracy"
@@ -44,12 +36,11 @@ class CharStreamTask:
         self.path = str(path)
         self.window = check_int("task.window", window, 1)
         self.vocab_size = check_int("task.num_classes", vocab_size, 2)
-        self.ranges = {"train": _check_range("task.train_range", train_range),
-                       "val": _check_range("task.val_range", val_range),
-                       "test": _check_range("task.test_range", test_range)}
-        spans = sorted(self.ranges.items(), key=lambda kv: kv[1])
-        for (a, (_, a_hi)), (b, (b_lo, _)) in itertools.pairwise(spans):
-            if b_lo < a_hi:
+        self.ranges = {"train": check_range(train_range, "task.train_range"),
+                       "val": check_range(val_range, "task.val_range"),
+                       "test": check_range(test_range, "task.test_range")}
+        for a, b in itertools.combinations(self.ranges, 2):
+            if ranges_overlap(self.ranges[a], self.ranges[b]):
                 raise ConfigError(f"task.{b}_range: {list(self.ranges[b])} overlaps task.{a}_range {list(self.ranges[a])}; "
                                   "the parts must be disjoint")
         self.eval_size = check_int("task.eval_size", eval_size, 1, allow_none=True)
@@ -94,24 +85,6 @@ class CharStreamTask:
         self.setup()
         return self.streams[split], self.splits[split].tensors[1]
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        self.setup()
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=g,
-                          num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
-
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """``batch_size`` windows of ``window`` character ids (the offline model's input)."""
         return torch.zeros(batch_size, self.window, dtype=torch.long)
-
-    def evaluate(self, net, split: str, trainers) -> dict[str, float]:
-        return {self.metric: trainers.evaluate(net, self, split)}

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from datasets import Dataset
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from inferno.errors import ConfigError
+from inferno.tasks.splits import TensorSplitLoaders
 
 
-class ImageClassificationTask(LightningDataModule):
+class ImageClassificationTask(TensorSplitLoaders, LightningDataModule):
     """Holds the three splits as tensors; subclasses only say how to read the images and labels."""
 
     metric = "accuracy"
@@ -57,25 +58,8 @@ class ImageClassificationTask(LightningDataModule):
         self.setup()
         return tuple(self.splits["train"].tensors[0].shape[1:])
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        self.setup()
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
-
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         return torch.zeros(batch_size, *self.input_shape)
-
-    def evaluate(self, net, split: str, trainers) -> dict[str, float]:
-        return {self.metric: trainers.evaluate(net, self, split)}
 
 
 class DigitsTask(ImageClassificationTask):
