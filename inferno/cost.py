@@ -129,9 +129,12 @@ def count_macs_effective(model: nn.Module, example: torch.Tensor | dict) -> tupl
     model.eval()
     layers = weighted_modules(model)
     positions: dict[nn.Module, int] = {}
+    zeros: dict[nn.Module, int] = {}
 
     def hook(mod, _inp, out):
         positions[mod] = positions.get(mod, 0) + out.numel() // _out_features(mod)
+        if mod not in zeros:  # counted while the weight is in memory (a streamed model's blocks are not after it)
+            zeros[mod] = mod.weight.numel() - int(torch.count_nonzero(mod.weight.detach()))
 
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
@@ -142,7 +145,7 @@ def count_macs_effective(model: nn.Module, example: torch.Tensor | dict) -> tupl
             h.remove()
         model.train(was_training)
     macs = int(counter.get_total_flops() // 2)
-    skipped = sum((m.weight.numel() - int(torch.count_nonzero(m.weight.detach()))) * positions.get(m, 0) for m in layers)
+    skipped = sum(zeros.get(m, 0) * positions.get(m, 0) for m in layers)
     return macs, max(0, macs - skipped)
 
 

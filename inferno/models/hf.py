@@ -205,9 +205,14 @@ def save_pruned(model: nn.Module, tokenizer, outdir, report: dict, structure: di
     layer the same sizes on a Llama-family model, and no added biases), config.json describes them and a plain
     ``AutoModelForCausalLM.from_pretrained`` reloads the model; otherwise config.json keeps ``pruned_layers`` and
     ``pruned_biases`` and :func:`load_pruned` rebuilds it (``report["loader"]`` says which)."""
+    from inferno.models.stream import is_streamed
+
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)  # transformers >= 5 always writes safetensors
+    if is_streamed(model):  # blocks on disk: written block by block (nothing to do where they already are)
+        model.block_source.save(out)
+    else:
+        model.save_pretrained(out)  # transformers >= 5 always writes safetensors
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     cfg_path = out / "config.json"
@@ -308,13 +313,25 @@ def load_model(
     outlier_factor: float = 50.0,
     outlier_count: int = 4,
     hint: str | None = None,
+    stream: bool = False,
 ) -> nn.Module:
     """A local Hugging Face causal LM (``trust_remote_code`` off, never downloads), optionally with
-    function-preserving outlier channels (``inject_outliers``)."""
+    function-preserving outlier channels (``inject_outliers``). ``stream``: the decoder blocks stay in the folder's
+    safetensors and are read one at a time (``inferno.models.stream``; no outliers then: they would change weights
+    that are not in memory)."""
     if not path:
         raise ConfigError("model.path: set model.path=DIR, a local Hugging Face causal-LM folder")
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.path: no Hugging Face model in {path}" + (f" ({hint})" if hint else ""))
+    if not isinstance(stream, bool):
+        raise ConfigError(f"model.stream: {stream!r} must be true or false")
+    if stream:
+        from inferno.models.stream import stream_causal_lm
+
+        if outliers:
+            raise ConfigError("model.stream: model.outliers=true rewrites every block in memory; allowed with "
+                              "model.stream=false only")
+        return stream_causal_lm(path, dtype=_dtype(dtype), device=torch_device(device))
     model = load_causal_lm(path, dtype=dtype, device=torch_device(device))
     if outliers:
         _outliers(model, outlier_channels, outlier_factor, outlier_count)
@@ -322,8 +339,13 @@ def load_model(
 
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype: str = "float32", device: str = "cpu", outliers: bool = False,
-               outlier_channels="important", outlier_factor: float = 50.0, outlier_count: int = 4, **config) -> nn.Module:
+               outlier_channels="important", outlier_factor: float = 50.0, outlier_count: int = 4, stream: bool = False,
+               **config) -> nn.Module:
     """A small random model of a family (``models.hf.tiny_causal_lm``), for tests and smoke runs."""
+    if stream is not False:
+        raise ConfigError(f"model.stream: tiny_{family} is built in memory, there is no folder to stream from; "
+                          "model.stream=true needs model=hf_causal_lm (or bench_lm) with model.path=DIR holding "
+                          "safetensors")
     model = tiny_causal_lm(family, seed=seed, **config)
     if outliers:
         _outliers(model, outlier_channels, outlier_factor, outlier_count)

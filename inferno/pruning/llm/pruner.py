@@ -24,24 +24,29 @@ reference code).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from inferno.cost import TrainingCost, measure_sparse_latency
+from inferno.cost import SparseLatency, TrainingCost, measure_sparse_latency
 from inferno.errors import ConfigError, check_int
 from inferno.models.hf import torch_device
+from inferno.models.stream import is_streamed
 from inferno.pruning.llm.methods import get_method
-from inferno.pruning.llm.runner import find_linears, get_blocks, get_weight, prune_model
+from inferno.pruning.llm.runner import each_block, find_linears, get_blocks, get_weight, prune_model
 from inferno.pruning.llm.structured import STRUCTURED, attn_mlp_params, kl_divergence
 from inferno.tasks.lm import CORPORA, Calibration
 
 CALIBRATIONS = ("task", "random", *CORPORA)
 UNITS = ("window", "example")
+# methods that prune block by block with shapes kept, so model.stream=true can read and write one block at a time
+STREAMABLE = ("magnitude", "wanda", "sparsegpt", "owl", "inferno_task", "mosaic")
 
 
 # ----------------------------------------------------------------------------------- sparsity
@@ -54,14 +59,22 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def linear_counts(model: nn.Module) -> tuple[int, int]:
+    """(non-zero, total) weights of the prunable linears, read one block at a time through the model's block
+    source (a streamed model is never whole in memory)."""
+    nonzero = total = 0
+    for block in each_block(model):
+        for mod in find_linears(block).values():
+            w = get_weight(mod)
+            nonzero += int(torch.count_nonzero(w))
+            total += w.numel()
+    return nonzero, total
+
+
 def zero_fraction(model: nn.Module) -> float:
     """Fraction of zeros over all prunable linears (the achieved sparsity)."""
-    zeros = total = 0
-    for mod in prunable_linears(model).values():
-        w = get_weight(mod)
-        zeros += int((w == 0).sum())
-        total += w.numel()
-    return zeros / max(1, total)
+    nonzero, total = linear_counts(model)
+    return (total - nonzero) / max(1, total)
 
 
 # ----------------------------------------------------------------------------------- pruner
@@ -86,9 +99,16 @@ class LLMPruner:
         progress: bool = False,
         calibration_unit: str = "window",
         sequential: bool = True,
+        stream: bool = False,
         **options,
     ):
         options = {k: v for k, v in options.items() if v is not None}
+        if not isinstance(stream, bool):
+            raise ConfigError(f"model.stream: {stream!r} must be true or false")
+        if stream and method not in STREAMABLE:
+            why = ("its structural stage removes heads and neurons across the model" if method == "mosaic_composite"
+                   else "it removes heads, neurons or blocks and decides across the whole model")
+            raise ConfigError(f"model.stream: {method} cannot stream ({why}); allowed: {', '.join(STREAMABLE)}")
         self.structured = method in STRUCTURED
         self.kl_seeds = self.kl_nsamples = None
         self.decode_tokens = check_int("pruner.decode_tokens", options.pop("decode_tokens", 0), 0)
@@ -225,6 +245,8 @@ class LLMPruner:
                 out[key] = getattr(self.method, key)
         if "outliers" in ctx.cfg.model:
             out["outliers"] = bool(ctx.cfg.model.outliers)
+        if is_streamed(ctx.net):  # blocks read from disk in every forward: latency_ms includes the reads
+            out["stream"] = True
         return out
 
     def run(self, ctx) -> None:
@@ -232,12 +254,16 @@ class LLMPruner:
             return self.run_structured(ctx)
         net, task = ctx.net, ctx.task
         net.eval()
+        streamed = is_streamed(net)
+        # a streamed model's blocks are not in memory after a forward: density is given, not measured by the cost model
+        prunable = () if streamed else None
         if hasattr(self.method, "check"):  # mosaic_composite: the model family must support structured surgery
             self.method.check(net)
         if self.record_dense:  # density = 1 - the zero fraction of the prunable linears (what the runner prunes)
             zeros = zero_fraction(net)
             ctx.record("dense", 0, net, TrainingCost(), extra=self.extra(ctx, 0) | {"variant": "", "pattern": "",
-                       "target_sparsity": 0.0, "calibration": "none"}, sparsity=zeros, density=1 - zeros)
+                       "target_sparsity": 0.0, "calibration": "none"}, sparsity=zeros, density=1 - zeros,
+                       prunable=prunable)
         t0 = time.time()
         drawn = self.draw(net, task)
         calib = None if drawn is None else drawn.ids
@@ -250,12 +276,16 @@ class LLMPruner:
         before = sum(get_weight(m).numel() for m in prunable_linears(net).values())
         stages = self.method.stages(net) if hasattr(self.method, "stages") else [self.method]
         report = {}
-        for stage in stages:  # mosaic_composite: whole units first (physically), then per-projection masks
-            report = prune_model(net, stage, calib, device=self.device, batch_size=self.batch_size,
-                                 progress=self.progress, sequential=self.sequential)
+        # streamed: every block is written to the output folder as it is pruned (model/ with save=true, else a
+        # folder removed at the end of the run), which the model then reads from
+        out = ctx.run_dir / ("model" if self.save else "model-stream")
+        with net.block_source.writing(out, self.progress) if streamed else contextlib.nullcontext():
+            for stage in stages:  # mosaic_composite: whole units first (physically), then per-projection masks
+                report = prune_model(net, stage, calib, device=self.device, batch_size=self.batch_size,
+                                     progress=self.progress, sequential=self.sequential)
         prune_s = time.time() - t0
         # the fraction of the block linears' weights gone, removed or zeroed (= the zero fraction when shapes stay)
-        achieved = 1 - sum(int((get_weight(m) != 0).sum()) for m in prunable_linears(net).values()) / before
+        achieved = 1 - linear_counts(net)[0] / before
         calib_tokens = 0 if calib is None else int(calib.numel() if torch.is_tensor(calib) else sum(x.numel() for x in calib))
         layers = {"method": self.name, "variant": self.variant, "pattern": self.method.pattern,
                   "target_sparsity": self.method.sparsity, "achieved_sparsity": achieved, "layers": report}
@@ -273,13 +303,16 @@ class LLMPruner:
                       "target_sparsity": round(self.method.target, 6)}
         if ":" in str(self.method.pattern):  # N:M: also time the 2:4 sparse kernels where they run
             hw = ctx.cfg.hardware
-            sp = measure_sparse_latency(net, ctx.example(), prunable_linears(net).values(), repeats=hw.latency_repeats)
+            sp = (SparseLatency(None, None, "model.stream=true: the model is never whole in memory") if streamed
+                  else measure_sparse_latency(net, ctx.example(), prunable_linears(net).values(),
+                                              repeats=hw.latency_repeats))
             if sp.ms is None:
                 ctx.log(f"{self.name}: latency_ms_sparse not measured: {sp.note}")
             extra |= {"latency_ms_sparse": None if sp.ms is None else round(sp.ms, 4),
                       "latency_ms_sparse_dense": None if sp.dense_ms is None else round(sp.dense_ms, 4),
                       "latency_sparse_note": sp.note}
-        ctx.record(self.name, 1, net, TrainingCost(), extra=extra, sparsity=achieved, density=1 - achieved)
+        ctx.record(self.name, 1, net, TrainingCost(), extra=extra, sparsity=achieved, density=1 - achieved,
+                   prunable=prunable)
         if self.save:
             from inferno.models.hf import save_pruned
 
@@ -287,6 +320,8 @@ class LLMPruner:
             tok = tok if hasattr(tok, "save_pretrained") else None
             structure = getattr(getattr(self.method, "structured", None), "structure", None)
             save_pruned(net, tok, ctx.run_dir / "model", report, structure=structure)
+        elif streamed:
+            shutil.rmtree(out, ignore_errors=True)  # pruned blocks were only needed for the pruned point
 
     # ------------------------------------------------------------------ structured methods
     def decode_extra(self, ctx, net: nn.Module) -> dict:

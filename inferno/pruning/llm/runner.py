@@ -12,6 +12,11 @@
    (``LayerInputs``) can be saved and resumed: ``prune_layers(..., layers=range(k))`` followed by
    ``prune_layers(..., layers=range(k, L))`` equals one pass.
 
+Where the blocks come from is pluggable (a *block source*, ``block_source``): by default they live in the model
+(:class:`ResidentBlocks`: each visits ``device`` and goes back); a model streamed from disk
+(``inferno.models.stream``, ``model.stream=true``) carries its own source, which materialises one block at a time
+from the safetensors and writes it out pruned -- the runner's loop is the same either way.
+
 Where a model keeps its blocks and linears is the only per-architecture knowledge (``BLOCK_PATHS``);
 GPT-2's ``Conv1D`` stores its weight as (in, out) and is seen through ``get_weight``/``set_weight`` as
 (out, in) like every ``nn.Linear``.
@@ -138,6 +143,40 @@ def _move_outside_blocks(module: nn.Module, blocks: nn.ModuleList, device) -> No
         _move_outside_blocks(child, blocks, device)
 
 
+class ResidentBlocks:
+    """The default block source: the blocks live in the model; a visited block moves to ``device`` and goes back
+    to the model's device when it is closed.
+
+    A block source has ``open(i, device) -> module`` (block ``i``, materialised on ``device``) and
+    ``close(i, changed)`` (the visit is over; ``changed``: the weights were changed, e.g. pruned)."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks, self.home = get_blocks(model), _home(model)
+
+    def open(self, i: int, device) -> nn.Module:
+        return self.blocks[i].to(device)
+
+    def close(self, i: int, changed: bool) -> None:
+        self.blocks[i].to(self.home)
+
+
+def block_source(model: nn.Module):
+    """The model's own block source (``model.block_source``, a streamed model's) else :class:`ResidentBlocks`."""
+    return getattr(model, "block_source", None) or ResidentBlocks(model)
+
+
+def each_block(model: nn.Module, device=None, progress: bool = False, desc: str = "blocks"):
+    """Every decoder block in turn, opened through the model's block source (on ``device``, default the model's)
+    and closed unchanged after the caller's loop body: reading the weights of a model that is not whole in memory."""
+    source, device = block_source(model), device or _home(model)
+    for i in tqdm(range(len(get_blocks(model))), desc=desc, disable=not progress, leave=False):
+        block = source.open(i, device)
+        try:
+            yield block
+        finally:
+            source.close(i, False)
+
+
 class _Captured(Exception):
     pass
 
@@ -158,7 +197,8 @@ def capture_inputs(
         state.kwargs.append(to_device(_drop_caches(kwargs), store_device))
         raise _Captured
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    # prepend: before any hook of the block's own (a streamed block would load itself from disk for nothing)
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     _move_outside_blocks(model, blocks, device)
@@ -315,13 +355,12 @@ def run_layers(
     ``sequential=False``: every block sees the *dense* model's inputs -- its outputs before ``process`` feed the
     next block, never recomputed -- so all statistics come from one pass over the dense model (the INFERNO
     thesis' reference); ``True`` (default, Wanda and SparseGPT) feeds each block the pruned blocks' outputs."""
-    blocks = get_blocks(model)
-    home = _home(model)
+    n_blocks, source = len(get_blocks(model)), block_source(model)
     layers = list(layers)
     for i in tqdm(layers, desc=desc, disable=not progress, leave=False):
         if state is not None and i != state.next_layer:
             raise ValueError(f"layers must be processed in order: expected layer {state.next_layer}, got {i}")
-        block = blocks[i].to(device)
+        block, changed = source.open(i, device), False
         try:
             linears = find_linears(block)
             stats, shared, outs = {}, {name: name for name in linears}, None
@@ -339,11 +378,14 @@ def run_layers(
             if state is not None:
                 if changed and sequential:
                     outs = None  # free the stale outputs before recomputing
-                    final = i == len(blocks) - 1 and not last_outputs
+                    final = i == n_blocks - 1 and not last_outputs
                     outs = [] if final else _forward_block(block, state, device, store_device, last_use=True)
                 state.hidden, state.next_layer = outs, i + 1
+        except BaseException:
+            changed = False  # an unfinished visit: a streamed block is not written out
+            raise
         finally:
-            blocks[i].to(home)
+            source.close(i, changed)
     return state
 
 
