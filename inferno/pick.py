@@ -21,12 +21,13 @@ available offline, so these functional forms are the project's design):
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from inferno.tracking import read_points
 
 KEYS = ("method", "variant", "model", "task", "setting", "mux_n")
 LOWER_BETTER = ("perplexity", "loss", "error", "nll")
@@ -62,11 +63,10 @@ def load_points(paths) -> list[dict]:
         if not files:
             raise ValueError(f"{p}: no points.csv under it")
         for f in files:
-            with open(f, newline="") as fh:
-                for r in csv.DictReader(fh):
-                    row = {k: _num(v) for k, v in r.items()}
-                    row["source"] = str(f.parent)
-                    rows.append(row)
+            for r in read_points(f):  # a last line cut by a crash is skipped, with a warning
+                row = {k: _num(v) for k, v in r.items()}
+                row["source"] = str(f.parent)
+                rows.append(row)
     return rows
 
 

@@ -4,7 +4,9 @@ nothing), every active Lightning logger, then ``summary.json`` and ``curve.png``
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import math
 import os
 import platform
@@ -14,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("inferno")
 
 COLUMNS = (
     "method", "step", "model", "task", "sparsity", "params", "macs", "latency_ms", "peak_mem_mb",
@@ -62,9 +66,27 @@ class Point:
         return d
 
 
-def read_points(path: str | Path) -> list[dict[str, str]]:
+def read_points(path: str | Path, repair: bool = False) -> list[dict[str, str]]:
+    """The rows of a ``points.csv``. Every complete row ends with a line break (the csv writer's), so a last
+    line without one was cut by a crash mid-append: it is dropped with a warning and, with ``repair``, cut
+    from the file too (which then holds the complete rows only). A damaged row elsewhere raises a ValueError
+    naming the file and line."""
+    path = Path(path)
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        text = f.read()
+    cut = "" if text.endswith("\n") or not text else text[text.rfind("\n") + 1:]
+    if cut:
+        text = text[: len(text) - len(cut)]
+        log.warning(f"{path}: dropped a last line cut by a crash ({len(cut)} characters)")
+        if repair:
+            with open(path, "r+", newline="") as f:
+                f.truncate(len(text.encode()))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    for i, row in enumerate(rows):
+        if None in row or None in row.values():  # more or fewer fields than the header names
+            raise ValueError(f"{path}: line {i + 2} does not have the header's {len(reader.fieldnames or [])} fields")
+    return rows
 
 
 class Tracker:
@@ -79,6 +101,11 @@ class Tracker:
         self.points: list[Point] = []
         self.csv_path = self.run_dir / "points.csv"
         self._fieldnames: list[str] | None = None
+        if self.csv_path.is_file():  # a rerun in the same folder (e.g. after a crash): keep what the last one wrote
+            kept = read_points(self.csv_path, repair=True)
+            os.replace(self.csv_path, self.run_dir / "points.previous.csv")
+            log.info(f"{self.csv_path}: an earlier run's {len(kept)} points moved to points.previous.csv; a search "
+                     "replays its saved points into the new file")
         self.t0 = time.time()
         for lg in self.loggers:
             if self.config:

@@ -1,10 +1,10 @@
 """Resume you can trust: a search killed at a random step (SIGKILL, a real process) and rerun ends bit-identical
-to an uninterrupted run; anything that changes the result (hardware settings, a data file's bytes, the code)
+to an uninterrupted run (greedy, random sampling, the supernet); anything that changes the result (hardware settings, a data file's bytes, the code)
 starts a fresh search instead of replaying; a kill between a step's weights and its state.json leaves the
 previous step, whole.
 
 The kill cases run the CLI as subprocesses (~10 s each here, most of it imports): ``greedy_layerwise`` with
-``transfer=importance`` always; with ``transfer=leading_slice`` and ``greedy_thesis`` marked ``slow``
+``transfer=importance``, ``random_sampling`` and ``supernet`` always; with ``transfer=leading_slice`` and ``greedy_thesis`` marked ``slow``
 (``pytest tests/test_resume.py -m "not slow"`` skips them, ``-m slow`` runs only them)."""
 
 import copy
@@ -48,6 +48,9 @@ CASES = {
     "greedy-leading_slice": ([*GREEDY, "pruner.transfer=leading_slice"], "greedy_final"),
     "greedy_thesis": (["pruner=greedy_thesis", "pruner.budget.macs=0.45", "pruner.finetune_epochs=1",
                        "pruner.score_epochs=1", "pruner.final_epochs=1"], "greedy_thesis_final"),
+    "random_sampling": (["pruner=random_sampling", "pruner.max_samples=3", "pruner.epochs=1"], "random_sampling_best"),
+    "supernet": (["pruner=supernet", "pruner.depth_epochs=1", "pruner.width_epochs=1", "pruner.candidates=3",
+                  "pruner.finetune_epochs=1", "pruner.recalibration_batches=1"], "supernet_final"),
 }
 
 
@@ -103,7 +106,7 @@ def assert_same_points(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("case", [
-    "greedy-importance",
+    "greedy-importance", "random_sampling", "supernet",
     pytest.param("greedy-leading_slice", marks=pytest.mark.slow),
     pytest.param("greedy_thesis", marks=pytest.mark.slow),
 ])

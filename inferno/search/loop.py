@@ -197,6 +197,31 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# The only network classes a state file may name, by the name it stores: loading never imports what a file
+# says (a state file is data, not code); a family a search saves is added here.
+STATE_CLASSES = {
+    "inferno.models.microcnn:MicroCNN": ("inferno.models.microcnn", "MicroCNN"),
+    "inferno.models.resnet20:ResNet20": ("inferno.models.resnet20", "ResNet20"),
+    "inferno.search.supernet:ElasticMicroCNN": ("inferno.search.supernet", "ElasticMicroCNN"),
+}
+
+
+def state_class(name: str) -> type:
+    """The registered class ``name`` (``module:qualname``) stands for; a ValueError for any other name."""
+    if name not in STATE_CLASSES:
+        raise ValueError(f"state names network class {name!r}, not one of {', '.join(STATE_CLASSES)}")
+    module, qualname = STATE_CLASSES[name]
+    return getattr(importlib.import_module(module), qualname)
+
+
+def class_name(net: nn.Module) -> str:
+    cls = type(net)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if name not in STATE_CLASSES or state_class(name) is not cls:
+        raise TypeError(f"{name} is not in inferno.search.loop.STATE_CLASSES; register it to save it in search state")
+    return name
+
+
 class StateStore:
     """A search's state on disk: ``state.json`` (scalars, the points so far) and one safetensors file per
     network (weights; its ``spec`` goes in the JSON so it can be rebuilt).
@@ -223,8 +248,7 @@ class StateStore:
             file = f"{hashlib.sha256(data).hexdigest()[:24]}.safetensors"
             if not (self.path / file).is_file():  # weights already saved (the start model's, a copy) written once
                 _write_atomic(self.path / file, data)
-            cls = type(net)
-            specs[name] = {"class": f"{cls.__module__}:{cls.__qualname__}", "spec": net.spec(), "config": net.config,
+            specs[name] = {"class": class_name(net), "spec": net.spec(), "config": net.config,
                            "file": file}
         _fsync_dir(self.path)  # the weights' names are on disk before the state that names them
         _write_atomic(self.path / "state.json", json.dumps({"state": state, "specs": specs}, default=str).encode())
@@ -238,12 +262,12 @@ class StateStore:
                 f.unlink(missing_ok=True)
 
     def load(self) -> tuple[dict, dict[str, nn.Module]]:
+        """The saved state and its networks, rebuilt from registered classes only (:data:`STATE_CLASSES`) and
+        weights read through safetensors; a damaged directory raises (``run`` turns that into one line)."""
         data = json.loads((self.path / "state.json").read_text())
         nets = {}
         for name, entry in data["specs"].items():
-            module, qualname = entry["class"].split(":")
-            cls = getattr(importlib.import_module(module), qualname)
-            net = cls(spec=entry["spec"], **entry["config"])
+            net = state_class(entry["class"])(spec=entry["spec"], **entry["config"])
             net.load_state_dict(load_file(str(self.path / entry.get("file", f"{name}.safetensors"))))
             nets[name] = net
         return data["state"], nets
@@ -301,8 +325,9 @@ class SearchLoop:
             try:
                 state, nets = store.load()
             except Exception as e:  # whatever broke it, the message says where and what to do
-                raise ConfigError(f"pruner.resume: the saved search state {store.path} cannot be read ({e!r}); "
-                                  "delete that directory or set pruner.resume=false") from e
+                detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line, whatever the error says
+                raise ConfigError(f"pruner.resume: the saved search state {store.path} cannot be read ({detail}); "
+                                  "start over with pruner.resume=false (overwrites it) or delete that directory") from e
             nets = {k: v.to(ctx.device) for k, v in nets.items()}  # saved on the CPU; the run's nets live on its device
             self.replay(ctx, state, nets)
             ctx.log(f"{self.method}: resumed from {store.path} at step {state['step']}")

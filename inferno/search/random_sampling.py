@@ -9,7 +9,8 @@ channels). Samples
 are drawn until the training cost reaches ``total_samples``, or ``match.multiple`` times what the
 method named by ``match.method`` spent earlier in the same run (with or without its start model's
 training, ``match.include_start``), or ``max_samples`` samples. Each point's ``train_samples`` is the
-cumulative cost of the search so far (``own_samples``: that sample's own training).
+cumulative cost of the search so far (``own_samples``: that sample's own training). The best sample by
+validation accuracy is kept in the search state and written as ``random_sampling_best.safetensors`` (+ ``.json``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ class RandomSampling(SearchLoop):
         state["cost"] = vars(cost)
         if state["best_val"] is None or p.extra["val_value"] > state["best_val"]:
             state["best_val"] = p.extra["val_value"]
+            nets["best"] = net  # saved with the state: the best sample so far, by validation accuracy
 
     def finish(self, ctx, state, nets):
+        if "best" in nets:  # the chosen architecture's trained weights (+ its spec) in the run dir
+            ctx.save_net(nets["best"], f"{self.method}_best")
         ctx.results[self.label] = {"train_samples": state["cost"]["samples"], "train_macs": state["cost"]["macs"],
                                     "samples": state["step"], "best_val": state["best_val"]}
