@@ -51,7 +51,7 @@ def build_node(node: DictConfig, group: str, **kwargs):
         cause = e.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
-        if isinstance(cause, ValueError):  # a builder's bad-value error: one line naming the group
+        if isinstance(cause, (ValueError, OSError)):  # a builder's bad-value / missing-file error: one line
             raise ConfigError(config_message(group, cause)) from cause
         raise
 

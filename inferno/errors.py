@@ -26,3 +26,20 @@ def check_bool(key: str, value) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: {value!r} must be true or false")
     return value
+
+
+def check_number(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` when it is a number within [low, high] (``low_open``/``high_open``: that end excluded); else a
+    ConfigError naming ``key`` and the range (a string where a number belongs too)."""
+    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+    where = f" in {lo or '(-inf'}, {hi or 'inf)'}" if lo or hi else ""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} must be a number{where}")
+    return value

@@ -22,7 +22,7 @@ from inferno.config import build, build_node  # noqa: F401  (re-exported for cal
 from inferno.cost import TrainingCost, count_macs, measure, run_device, throughput, to_device
 from inferno.errors import ConfigError
 from inferno.tracking import AXES, Point, Tracker
-from inferno.training import TrainConfig, Trainers
+from inferno.training import TrainConfig, Trainers, check_hardware
 
 log = logging.getLogger("inferno")
 
@@ -94,9 +94,7 @@ class RunContext:
             net, cost = self.net.to(self.device), TrainingCost()
             ckpt = self.cfg.model.get("checkpoint")
             if ckpt:
-                if not Path(ckpt).is_file():
-                    raise ConfigError(f"model.checkpoint: file {ckpt} not found")
-                net.load_state_dict(load_file(ckpt))
+                net.load_state_dict(load_checkpoint(ckpt, net, self.model_name))
             else:
                 self.finetune(net, self.cfg.train.dense_epochs, cost, callbacks=callbacks)
             self.save_net(net, "dense")
@@ -171,6 +169,28 @@ class RunContext:
         return self.tracker.add(point)
 
 
+def load_checkpoint(path, net: nn.Module, model: str) -> dict:
+    """``model.checkpoint``'s weights (safetensors only) when they fit ``net`` key for key and shape for shape;
+    else a one-line ConfigError saying what does not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ConfigError(f"model.checkpoint: file {path} not found")
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"model.checkpoint: {path} is not a readable safetensors file ({' '.join(str(e).split())})") from e
+    want = net.state_dict()
+    missing, unexpected = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+    shapes = [k for k in set(want) & set(weights) if want[k].shape != weights[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", sorted(shapes))) if v]
+        raise ConfigError(f"model.checkpoint: {path} does not fit model {model}: keys {', '.join(parts)}")
+    return weights
+
+
 # The task kinds each model kind runs (a model kind not listed runs tasks of its own kind).
 TASK_KINDS = {"encoder": ("sequence_classification",), "temporal": ("streaming",)}
 
@@ -193,6 +213,11 @@ def validate(cfg: DictConfig) -> None:
     axes = plot_axes(cfg)
     if not isinstance(axes, list) or not axes or any(a not in AXES for a in axes):
         raise ConfigError(f"plot.x_axes: {axes!r} must be a non-empty list of point columns from {', '.join(AXES)}")
+    check_hardware(cfg.hardware)
+    if cfg.model.kind == "causal_lm" and cfg.model.get("path"):  # a folder model: whole, before anything loads
+        from inferno.tasks.lm import check_model_folder
+
+        check_model_folder(cfg.model.path, tokenizer=bool(cfg.task.get("tokenizer_path")))
     accelerator = cfg.hardware.accelerator
     if run_device(accelerator).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"hardware.accelerator: {accelerator} needs a CUDA GPU and torch {torch.__version__} sees "

@@ -32,12 +32,15 @@ class TrainConfig:
     nesterov: bool = True  # SGD only
 
     def __post_init__(self):
-        from inferno.errors import ConfigError, check_choice
+        from inferno.errors import check_bool, check_choice, check_number
 
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS, "optimizer")
         check_choice("train.schedule", self.schedule, SCHEDULES, "schedule")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr: {self.lr} must be positive")
+        check_number("train.lr", self.lr, 0, low_open=True)
+        check_number("train.weight_decay", self.weight_decay, 0)
+        check_number("train.momentum", self.momentum, 0, 1, high_open=True)
+        check_number("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_bool("train.nesterov", self.nesterov)
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with ``changes`` (None values ignored): a method's own recipe over the run's ``train``."""
@@ -60,6 +63,41 @@ def check_epochs(key: str, epochs, allow_none: bool = False):
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "constant")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+# One process, one device: every pruner runs its fits, evaluations and cost measurements in the run's process
+# (README "Scale-out": sweeps and parallel children spread work over processes; multi-process data parallelism
+# was removed, see there why).
+STRATEGIES = ("auto", "single_device")
+
+
+def precisions() -> tuple[str, ...]:
+    """The precision strings Lightning's Trainer accepts (from its own type, so the list follows Lightning)."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    return typing.get_args(_PRECISION_INPUT_STR)
+
+
+def check_hardware(hw) -> None:
+    """Every ``hardware`` knob, before any data or model is loaded; one line naming the key on failure."""
+    from inferno.errors import ConfigError, check_bool, check_choice, check_int
+
+    check_choice("hardware.accelerator", hw.get("accelerator"), ACCELERATORS, "accelerator")
+    if hw.get("devices") != 1:
+        raise ConfigError(f"hardware.devices: {hw.get('devices')!r}; a run uses exactly 1 device (spread work with "
+                          "pruner.parallel_children or a sweep launcher, README: Scale-out)")
+    strategy = hw.get("strategy")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"hardware.strategy: {strategy!r} is not supported; allowed: {', '.join(STRATEGIES)} "
+                          "(multi-process training was removed, README: Scale-out)")
+    check_choice("hardware.precision", str(hw.get("precision")), precisions(), "precision")
+    check_int("hardware.num_threads", hw.get("num_threads"), 1, allow_none=True)
+    check_int("hardware.limit_batches", hw.get("limit_batches"), 1, allow_none=True)
+    check_int("hardware.latency_batch_size", hw.get("latency_batch_size"), 1)
+    check_int("hardware.latency_repeats", hw.get("latency_repeats"), 1)
+    for key in ("progress_bar", "deterministic"):
+        check_bool(f"hardware.{key}", hw.get(key))
 
 
 class ClassificationModule(L.LightningModule):

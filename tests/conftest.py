@@ -1,8 +1,15 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Offline by construction: this process refuses non-Unix sockets in every test (pytest-socket, `--disable-socket
+# --allow-unix-socket` in pyproject's addopts), and so does every Python process a test starts (tests/offline/
+# sitecustomize.py, loaded through PYTHONPATH).
+OFFLINE_DIR = str(Path(__file__).parent / "offline")
+os.environ["INFERNO_BLOCK_SOCKETS"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join([OFFLINE_DIR, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -40,12 +40,32 @@ class ByteTokenizer:
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_folder(path, tokenizer: bool = True) -> None:
+    """Before anything loads: ``path`` is a Hugging Face model folder with a ``config.json``, safetensors weights
+    (one file or an index of shards; ``.bin`` pickles are never read) and, where the task needs it, a tokenizer."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"model.path: {path} is not a folder (a local Hugging Face model folder is required)")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.path: no config.json in {path} (save the model with save_pretrained)")
+    if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+        other = sorted(f.name for f in folder.glob("*.bin"))
+        why = f"; {', '.join(other)} not read: weights only through safetensors" if other else ""
+        raise ConfigError(f"model.path: no safetensors weights in {path}{why} (save_pretrained(safe_serialization=True))")
+    if tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model.path: no tokenizer files in {path} (one of {', '.join(TOKENIZER_FILES)}; save the "
+                          "tokenizer beside the model)")
+
+
 def load_tokenizer(path: str | None):
     """The tokenizer saved in a model folder, else the byte-level fallback."""
     if path is None:
         return ByteTokenizer()
     folder = Path(path)
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"model.path: no tokenizer files in {path} (save the tokenizer beside the model)")
     from transformers import AutoTokenizer
 
