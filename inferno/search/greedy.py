@@ -23,7 +23,7 @@ from dataclasses import asdict
 from inferno.cost import TrainingCost
 from inferno.errors import ConfigError, check_choice, check_int
 from inferno.pruning.cnn.surgery import IMPORTANCES
-from inferno.search.loop import Budget, SearchLoop, spec_summary
+from inferno.search.loop import Budget, Fit, SearchLoop, spec_summary
 from inferno.search.moves import MOVES, TRANSFERS, MoveOptions, check_moves, children, rebuild
 from inferno.training import OPTIMIZERS, SCHEDULES, TrainConfig, check_epochs
 
@@ -38,8 +38,9 @@ class GreedyLayerwise(SearchLoop):
     def __init__(self, moves=("drop_stage", "drop_block", "narrow"), transfer: str = "importance",
                  select: str = "accuracy", narrow_ratio: float = 0.25, narrow_scope: str = "stage",
                  drop_block_scope: str = "all", importance: str = "l1", final_epochs: float = 3,
-                 scratch_control: bool = True, scratch_epochs: int | None = None, **kw):
+                 scratch_control: bool = True, scratch_epochs: int | None = None, parallel_children: int = 1, **kw):
         super().__init__(**kw)
+        self.parallel_children = check_int("pruner.parallel_children", parallel_children, 1)
         for m in moves:
             check_choice("pruner.moves", m, tuple(MOVES))
         check_choice("pruner.transfer", transfer, TRANSFERS)
@@ -102,16 +103,22 @@ class GreedyLayerwise(SearchLoop):
         if not kids:
             raise ConfigError(f"pruner.budget: {state['limits']} is out of reach: {spec_summary(parent)} has no smaller child")
         cost = TrainingCost(**state["cost"])
+        fits = [Fit(child.net, self.finetune_epochs, (state["step"], k), self.recipe(ctx, "child"), self.val_history())
+                for k, child in enumerate(kids)]
+        # in worker processes (pruner.parallel_children > 1) all at once, else each just before it is recorded
+        fitted = self.fit(ctx, fits, self.parallel_children) if self.parallel_children > 1 else [None] * len(kids)
         scored = []
         for k, child in enumerate(ctx.progress(kids, desc=f"{self.method} step {state['step'] + 1}")):
             detail = {key: v for key, v in child.detail.items() if key != "kept"}
             p = self.train_and_record(ctx, state, child.net, self.finetune_epochs, cost, (state["step"], k),
                                       state["step"] + 1, {"phase": "child", "move": child.move, "detail": detail,
                                                           "arch": spec_summary(child.net), "selected": False},
-                                      train=self.recipe(ctx, "child"), val_history=self.val_history())
+                                      train=fits[k].train, val_history=fits[k].val_history, fitted=fitted[k])
             figures = {"macs": p.macs, "params": p.params, "latency_ms": p.latency_ms}
             scored.append((self.score(p, state), figures, p, len(state["points"]) - 1))
             self.annotate(ctx, state, p, scored[-1][3], score=scored[-1][0])
+            ctx.log(f"{self.method} step {state['step'] + 1} child {k} ({child.move}, {spec_summary(child.net)}): "
+                    f"val {p.extra['val_value']:.4f}, test {p.value:.4f}, {p.macs} MACs")
         k = self.pick([t[:3] for t in scored], state)
         p, child = scored[k][2], kids[k]
         self.annotate(ctx, state, p, scored[k][3], selected=True)

@@ -8,6 +8,12 @@ digest (:func:`state_key`) of the resolved model, task (not where its data lies)
 settings, seed and pruner options, of the sha256 of every data file the task reads, and of the code (the
 installed ``inferno`` version and its sources). A step's save is atomic as a whole (:class:`StateStore`), and
 every replayed point carries ``resumed=True`` (points computed by the process: ``resumed=False``).
+
+Trainings that do not depend on each other (a greedy step's children) can run in worker processes
+(:meth:`SearchLoop.fit`, ``workers > 1``): each worker builds the task and the Trainers from the run's config
+once, gets the network and its seed by position, and sends the trained weights back; the loop records the
+points in the serial order, so the results are those of the serial run (bitwise where every process uses the
+same number of torch threads, e.g. ``hardware.num_threads=1``).
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
+import logging
+import multiprocessing
 import os
 import sys
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -36,11 +45,16 @@ from torch import nn
 from inferno.cost import TrainingCost
 from inferno.errors import ConfigError
 from inferno.tracking import Point
+from inferno.training import TrainConfig, Trainers
 
 BUDGET_KEYS = ("macs", "params", "latency_ms")
 # ``hardware`` keys that change how a run looks, never what it computes: left out of the state key.
 PRESENTATIONAL_HARDWARE = ("progress_bar",)
 DIGEST_CACHE = "file_digests.json"  # in ``paths.state_dir``: sha256 per (path, size, mtime, ctime)
+
+
+# constructor options that change how a search runs, never what it computes: left out of its state key
+RUN_CONTROL = ("stop_after", "resume", "parallel_children")
 
 
 class SearchInterrupted(RuntimeError):
@@ -273,6 +287,48 @@ class StateStore:
         return data["state"], nets
 
 
+@dataclass
+class Fit:
+    """One training of a search: ``net`` trained in place for ``epochs`` with recipe ``train`` (None: the run's),
+    seeded by its position ``where``; ``val_history``: the validation accuracy after every epoch is kept."""
+
+    net: nn.Module
+    epochs: float
+    where: tuple
+    train: TrainConfig | None = None
+    val_history: bool = False
+
+
+@dataclass
+class Fitted:
+    """What a :class:`Fit` did: training examples processed, and the per-epoch validation accuracies (or None)."""
+
+    samples: int
+    history: list | None = None
+
+
+_WORKER: dict = {}  # in a worker process: the task and Trainers built once from the run's config
+
+
+def _init_worker(cfg: dict, threads: int) -> None:
+    import inferno.config  # noqa: F401  (the resolvers conf/ uses)
+    from inferno.config import build
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(cfg)
+    task = build(cfg, "task")
+    task.setup()
+    _WORKER.update(task=task, trainers=Trainers(**{**OmegaConf.to_container(cfg.hardware), "progress_bar": False}))
+
+
+def _fit_in_worker(net: nn.Module, epochs: float, seed: int, train: TrainConfig, val_history: bool):
+    L.seed_everything(seed, workers=True, verbose=False)
+    history = [] if val_history else None
+    samples = _WORKER["trainers"].fit(net, _WORKER["task"], epochs, train, history)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, samples, history
+
+
 class SearchLoop:
     """Subclasses say how to start (``start``), what one step does (``step``), when to stop (``done``)
     and what to do at the end (``finish``); the loop keeps the state, the points and the resuming."""
@@ -286,6 +342,7 @@ class SearchLoop:
         self.finetune_epochs = finetune_epochs
         self.stop_after = stop_after
         self.resume = resume
+        self._pool: ProcessPoolExecutor | None = None
 
     # ---------------------------------------------------------------- what subclasses implement
     def start(self, ctx) -> tuple[dict, dict[str, nn.Module]]:
@@ -303,7 +360,7 @@ class SearchLoop:
     # ---------------------------------------------------------------- the loop
     def options(self) -> dict:
         """What identifies this search's state (its constructor options, minus run-control knobs)."""
-        return {k: v for k, v in vars(self).items() if k not in ("stop_after", "resume") and not k.startswith("_")}
+        return {k: v for k, v in vars(self).items() if k not in RUN_CONTROL and not k.startswith("_")}
 
     def state_key(self, ctx) -> dict:
         """What this search's saved state is valid for (see :func:`state_key`)."""
@@ -319,6 +376,12 @@ class SearchLoop:
         return self.method if not self.variant else f"{self.method}[{self.variant}]"
 
     def run(self, ctx) -> None:
+        try:
+            self._run(ctx)
+        finally:
+            self.close_workers()
+
+    def _run(self, ctx) -> None:
         key = self.state_key(ctx)
         store = StateStore(self.state_dir(ctx, key))
         if self.resume and store.exists():
@@ -385,20 +448,60 @@ class SearchLoop:
     # ---------------------------------------------------------------- shared pieces
     def seed(self, ctx, *where: int) -> None:
         """Seed by position in the search, so a resumed run repeats exactly what an uninterrupted one does."""
+        L.seed_everything(self.seed_value(ctx, *where), workers=True, verbose=False)
+
+    @staticmethod
+    def seed_value(ctx, *where) -> int:
         # crc32, not hash(): str hashes differ from process to process
-        L.seed_everything((int(ctx.cfg.seed) * 1_000_003 + zlib.crc32(repr(where).encode())) % 2**32, workers=True,
-                          verbose=False)
+        return (int(ctx.cfg.seed) * 1_000_003 + zlib.crc32(repr(where).encode())) % 2**32
+
+    def fit(self, ctx, fits: list[Fit], workers: int = 1) -> list[Fitted]:
+        """Every :class:`Fit` done, its network trained in place: here one after the other, or with ``workers`` > 1
+        in that many worker processes (kept for the rest of the search), each training seeded exactly as here."""
+        if workers <= 1 or len(fits) <= 1:
+            out = []
+            for f in fits:
+                self.seed(ctx, *f.where)
+                history = [] if f.val_history else None
+                out.append(Fitted(ctx.trainers.fit(f.net, ctx.task, f.epochs, f.train or ctx.train, history), history))
+            return out
+        pool = self.workers(ctx, workers)
+        futures = [pool.submit(_fit_in_worker, f.net.cpu(), f.epochs, self.seed_value(ctx, *f.where),
+                               f.train or ctx.train, f.val_history) for f in fits]
+        out = []
+        for f, future in zip(fits, ctx.progress(futures, desc=f"{self.method}: {len(fits)} fits on {workers} workers")):
+            weights, samples, history = future.result()
+            f.net.load_state_dict(weights)
+            f.net.to(ctx.device)
+            out.append(Fitted(samples, history))
+        return out
+
+    def workers(self, ctx, n: int) -> ProcessPoolExecutor:
+        """``n`` worker processes (spawned: no state shared with this one but the run's config), started once."""
+        if self._pool is None:
+            cfg = OmegaConf.to_container(ctx.cfg, resolve=True)
+            threads = ctx.cfg.hardware.num_threads or max(1, torch.get_num_threads() // n)
+            self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(cfg, threads))
+        return self._pool
+
+    def close_workers(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def train_and_record(self, ctx, state: dict, net: nn.Module, epochs: float, cost: TrainingCost, where: tuple,
-                         step: int, extra: dict, train=None, val_history: bool = False) -> Point:
+                         step: int, extra: dict, train=None, val_history: bool = False,
+                         fitted: Fitted | None = None) -> Point:
         """Seeded training of ``net`` (its examples added to ``cost``; recipe ``train``, default the run's),
         then a recorded point whose ``train_samples`` is the cumulative ``cost`` and ``own_samples`` this
         training alone. ``val_history``: validate after every epoch; the accuracies go in the ``val_history``
-        column."""
-        self.seed(ctx, *where)
+        column. ``fitted``: that training was already done (:meth:`fit`); only its cost is added here."""
+        if fitted is None:
+            fitted = self.fit(ctx, [Fit(net, epochs, where, train, val_history)])[0]
         before = cost.samples
-        history = [] if val_history else None
-        ctx.finetune(net, epochs, cost, train, history)
+        cost.add(fitted.samples, ctx.macs(net))
+        history = fitted.history
         if history is not None:
             extra = {**extra, "val_history": history}
         extra = {"own_samples": cost.samples - before, "search_samples": cost.samples - state["dense_cost"]["samples"],
