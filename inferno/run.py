@@ -89,8 +89,6 @@ class RunContext:
         ``model.checkpoint``), saved as ``dense.safetensors`` and recorded as the ``dense`` point. ``callbacks``
         (Lightning callbacks) watch its training, when this call is the one that trains it."""
         if self._dense is None:
-            from safetensors.torch import load_file
-
             net, cost = self.net.to(self.device), TrainingCost()
             ckpt = self.cfg.model.get("checkpoint")
             if ckpt:
