@@ -48,7 +48,8 @@ def composition_message(e: BaseException) -> str:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         return f"{group or option}: unknown option {option!r}; allowed: {', '.join(sorted(e.options))}"
     if isinstance(e, OverrideParseException):
-        return f"override {e.override!r}: {' '.join(str(e).splitlines()[1:]).strip() or _first(e)}"
+        why = [line for line in str(e).splitlines() if not line.startswith("Error parsing override")]
+        return f"override {e.override!r}: {' '.join(' '.join(why).split()) or _first(e)}"
     err = cause if isinstance(cause, OmegaConfBaseException) else e
     key = getattr(err, "full_key", None)
     parent = getattr(err, "parent_node", None)

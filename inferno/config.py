@@ -49,9 +49,13 @@ def build_node(node: DictConfig, group: str, **kwargs):
         return instantiate(OmegaConf.create({k: v for k, v in fields.items() if k not in META_KEYS[group]}), **kwargs)
     except InstantiationException as e:  # keep our one-line message rather than Hydra's wrapper
         cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:  # a nested node's builder
+            cause = cause.__cause__  # (e.g. pruner=compare's methods): the innermost error says what is wrong
         if isinstance(cause, ConfigError):
             raise cause from None
-        if isinstance(cause, (ValueError, OSError)):  # a builder's bad-value / missing-file error: one line
+        # a builder's bad-value / missing-file error, or a value of the wrong type (a string where a number goes
+        # fails the builder's comparisons with a TypeError): one line
+        if isinstance(cause, (ValueError, OSError, TypeError)):
             raise ConfigError(config_message(group, cause)) from cause
         raise
 

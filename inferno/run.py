@@ -13,16 +13,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from inferno.config import build, build_node  # noqa: F401  (re-exported for callers of run)
+from inferno.config import build, build_node, config_message  # noqa: F401  (build_node: re-exported for callers of run)
 from inferno.cost import TrainingCost, count_macs, measure, run_device, throughput, to_device
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from inferno.tracking import AXES, Point, Tracker
-from inferno.training import TrainConfig, Trainers, check_hardware
+from inferno.training import TrainConfig, Trainers, check_epochs, check_hardware
 
 log = logging.getLogger("inferno")
 
@@ -167,14 +168,27 @@ class RunContext:
         return self.tracker.add(point)
 
 
+def check_checkpoint(path) -> None:
+    """``model.checkpoint`` exists and its safetensors header (which covers the file's length) reads; checked by
+    ``validate`` before anything runs, so a bad file fails before the run dir's earlier points are touched."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise ConfigError(f"model.checkpoint: file {path} not found (a safetensors file, e.g. a run's dense.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"model.checkpoint: {path} is not a readable safetensors file ({' '.join(str(e).split())})") from e
+
+
 def load_checkpoint(path, net: nn.Module, model: str) -> dict:
     """``model.checkpoint``'s weights (safetensors only) when they fit ``net`` key for key and shape for shape;
     else a one-line ConfigError saying what does not fit."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not Path(path).is_file():
-        raise ConfigError(f"model.checkpoint: file {path} not found")
+    check_checkpoint(path)
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -212,14 +226,42 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(axes, list) or not axes or any(a not in AXES for a in axes):
         raise ConfigError(f"plot.x_axes: {axes!r} must be a non-empty list of point columns from {', '.join(AXES)}")
     check_hardware(cfg.hardware)
+    check_int("seed", cfg.get("seed"), 0)
+    check_epochs("train.dense_epochs", cfg.train.get("dense_epochs"))
+    check_search_knobs(cfg.pruner)
+    check_logger(cfg.get("logger"))
+    if cfg.model.get("checkpoint"):
+        check_checkpoint(cfg.model.checkpoint)
     if cfg.model.kind == "causal_lm" and cfg.model.get("path"):  # a folder model: whole, before anything loads
         from inferno.tasks.lm import check_model_folder
 
-        check_model_folder(cfg.model.path, tokenizer=bool(cfg.task.get("tokenizer_path")))
+        tokenizer = cfg.task.get("tokenizer")  # the task reads its tokenizer from the model folder (the default)
+        check_model_folder(cfg.model.path, tokenizer=bool(tokenizer) and Path(str(tokenizer)) == Path(str(cfg.model.path)))
     accelerator = cfg.hardware.accelerator
     if run_device(accelerator).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"hardware.accelerator: {accelerator} needs a CUDA GPU and torch {torch.__version__} sees "
                           "none; use hardware=cpu")
+
+
+def check_search_knobs(pruner: DictConfig) -> None:
+    """The keys every search shares (``budget``, ``resume``, ``stop_after``), of ``pruner`` and of the methods
+    ``pruner=compare`` runs, before any pruner is built."""
+    from inferno.search.loop import BUDGET_KEYS
+
+    nodes = [("pruner", pruner)] + [(f"pruner.methods.{k}", v) for k, v in (pruner.get("methods") or {}).items()
+                                    if OmegaConf.is_dict(v)]
+    for where, node in nodes:
+        if "budget" in node and node.budget is not None:
+            if not OmegaConf.is_dict(node.budget):
+                raise ConfigError(f"{where}.budget: {node.budget!r} must be a mapping of {', '.join(BUDGET_KEYS)} (e.g. "
+                                  f"{where}.budget.macs=0.5)")
+            for k, v in node.budget.items():
+                if v is not None:
+                    check_number(f"{where}.budget.{k}", v, 0, low_open=True)
+        if "resume" in node:
+            check_bool(f"{where}.resume", node.resume)
+        if "stop_after" in node:
+            check_int(f"{where}.stop_after", node.stop_after, 0, allow_none=True)
 
 
 def plot_axes(cfg: DictConfig):
@@ -229,11 +271,25 @@ def plot_axes(cfg: DictConfig):
     return OmegaConf.to_container(axes) if OmegaConf.is_config(axes) else axes
 
 
+# The modes W&B accepts (``logger.mode``; checked before wandb is started, which refuses others in a traceback).
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+
+
+def check_logger(node) -> None:
+    if node is not None and str(node.get("_target_", "")).endswith("WandbLogger") and "mode" in node:
+        check_choice("logger.mode", node.mode, WANDB_MODES, "mode")
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.logger is None or not cfg.logger.get("_target_"):
         return []
     os.environ.setdefault("WANDB_SILENT", "true")
-    return [instantiate(cfg.logger, save_dir=str(run_dir))]
+    try:
+        return [instantiate(cfg.logger, save_dir=str(run_dir))]
+    except InstantiationException as e:  # a logger's bad value: one line naming the group
+        if isinstance(e.__cause__, (ValueError, TypeError, OSError)):
+            raise ConfigError(config_message("logger", e.__cause__)) from e
+        raise
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:

@@ -102,7 +102,13 @@ class Tracker:
         self.csv_path = self.run_dir / "points.csv"
         self._fieldnames: list[str] | None = None
         if self.csv_path.is_file():  # a rerun in the same folder (e.g. after a crash): keep what the last one wrote
-            kept = read_points(self.csv_path, repair=True)
+            try:
+                kept = read_points(self.csv_path, repair=True)
+            except ValueError as e:  # a damaged row that is not the last: refuse rather than guess (nothing is moved)
+                from inferno.errors import ConfigError
+
+                raise ConfigError(f"hydra.run.dir: {e}; move that file away (or run in another folder) to start "
+                                  "this run there") from e
             os.replace(self.csv_path, self.run_dir / "points.previous.csv")
             log.info(f"{self.csv_path}: an earlier run's {len(kept)} points moved to points.previous.csv; a search "
                      "replays its saved points into the new file")

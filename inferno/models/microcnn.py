@@ -91,6 +91,13 @@ class MicroCNN(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"model: MicroCNN needs an integer {key} >= {low}; got {key}={v!r}")
         if spec is None:
+            for key, v in (("stages", stages), ("width", width), ("base_channels", base_channels),
+                           ("se_reduction", se_reduction), ("in_channels", in_channels), ("num_classes", num_classes)):
+                if isinstance(v, bool) or not isinstance(v, int):  # e.g. a string: name the key (a bad value, as below)
+                    raise ValueError(f"model.{key}: {v!r} must be an integer")  # noqa: TRY004
+            if isinstance(depth, bool) or not (isinstance(depth, int) or (
+                    isinstance(depth, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) for d in depth))):
+                raise ValueError(f"model.depth: {depth!r} must be an integer or one integer per stage")
             depths = [depth] * stages if isinstance(depth, int) else list(depth)
             if stages < 1 or len(depths) != stages or min(depths) < 1 or width < 1 or base_channels < 1:
                 raise ValueError(

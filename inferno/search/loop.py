@@ -101,6 +101,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a file with exactly ``data`` (its size first: a truncated file costs no read)."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -260,8 +268,8 @@ class StateStore:
         for name, net in nets.items():
             data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()})
             file = f"{hashlib.sha256(data).hexdigest()[:24]}.safetensors"
-            if not (self.path / file).is_file():  # weights already saved (the start model's, a copy) written once
-                _write_atomic(self.path / file, data)
+            if not _holds(self.path / file, data):  # weights already saved (the start model's, a copy) written once;
+                _write_atomic(self.path / file, data)  # a damaged file of that name (pruner.resume=false) rewritten
             specs[name] = {"class": class_name(net), "spec": net.spec(), "config": net.config,
                            "file": file}
         _fsync_dir(self.path)  # the weights' names are on disk before the state that names them

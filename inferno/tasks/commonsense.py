@@ -103,12 +103,41 @@ def parse_example(record: dict) -> Example:
     return Example(" ".join(question.split()), options, labels.index(answer))
 
 
+def check_json(path) -> None:
+    """A one-line ConfigError unless ``path`` is a JSON list of records or JSON lines of records (checked here:
+    the ``datasets`` loader reports a damaged file in a multi-line traceback, after a progress bar)."""
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"task.path: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as whole:
+        for i, line in enumerate(text.splitlines(), 1):  # JSON lines: one record per line
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ConfigError(f"task.path: {path} is neither JSON nor JSON lines ({whole.msg} at line {whole.lineno} "
+                                  f"column {whole.colno}); a list of records in the LLM-Adapters format is allowed") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"task.path: {path} line {i} is not a record (a JSON object)")
+        return
+    if not isinstance(data, dict) and not (isinstance(data, list) and all(isinstance(r, dict) for r in data)):
+        raise ConfigError(f"task.path: {path} holds a JSON {type(data).__name__}; a list of records (JSON objects) "
+                          "in the LLM-Adapters format is allowed")
+
+
 def load_examples(path) -> list[Example]:
     """Every record of a JSON file (list of records) or JSON-lines file, via ``datasets``' json loader."""
     from datasets import load_dataset
 
     if not Path(path).is_file():
         raise ConfigError(f"task.path: file {path} not found (a JSON file in the LLM-Adapters format)")
+    check_json(path)
     ds = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
     return [parse_example(r) for r in ds]
 

@@ -58,6 +58,15 @@ def check_model_folder(path, tokenizer: bool = True) -> None:
     if tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"model.path: no tokenizer files in {path} (one of {', '.join(TOKENIZER_FILES)}; save the "
                           "tokenizer beside the model)")
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):  # headers only (cheap): a damaged file fails here, in one line
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"model.path: {f} is not a readable safetensors file ({' '.join(str(e).split())}); "
+                              "save the model again with save_pretrained") from e
 
 
 def load_tokenizer(path: str | None):

@@ -60,7 +60,11 @@ class CharStreamTask(TensorSplitLoaders):
         if not Path(self.path).is_file():
             raise ConfigError(f"task.path: text file {self.path} not found (set INFERNO_DATA or paths.data_dir to the "
                               "shared data folder, or task.path to a text file)")
-        text = Path(self.path).read_text(encoding="utf-8")
+        try:
+            text = Path(self.path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"task.path: {self.path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "any UTF-8 text file is allowed") from e
         self.chars = "".join(sorted(set(text)))
         if len(self.chars) > self.vocab_size:
             raise ConfigError(f"task.num_classes: {self.vocab_size} classes but {self.path} has {len(self.chars)} "

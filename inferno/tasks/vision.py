@@ -7,6 +7,7 @@ Every task is a LightningDataModule with three splits: ``train`` (fine-tuning), 
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from datasets import Dataset
 from lightning import LightningDataModule
 from torch.utils.data import TensorDataset
 
-from inferno.errors import ConfigError
+from inferno.errors import ConfigError, check_int
 from inferno.tasks.splits import TensorSplitLoaders
 
 
@@ -27,6 +28,9 @@ class ImageClassificationTask(TensorSplitLoaders, LightningDataModule):
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int = 512, seed: int = 0, num_workers: int = 0):
         super().__init__()
+        check_int("task.batch_size", batch_size, 1)
+        check_int("task.eval_batch_size", eval_batch_size, 1)
+        check_int("task.num_workers", num_workers, 0)
         self.batch_size, self.eval_batch_size, self.seed, self.num_workers = batch_size, eval_batch_size, seed, num_workers
         self.splits: dict[str, TensorDataset] = {}
 
@@ -78,6 +82,18 @@ class DigitsTask(ImageClassificationTask):
         return Dataset.from_dict({"image": images[:, None], "label": d.target.astype(np.int64)})
 
 
+def idx_payload(path: Path, header: int) -> np.ndarray:
+    """The bytes after the ``header`` of a gzipped idx file; a one-line ConfigError for a damaged file."""
+    try:
+        with gzip.open(path) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+        raise ConfigError(f"paths.data_dir: MNIST file {path} is not a readable gzip file ({' '.join(str(e).split())})") from e
+    if len(data) < header:
+        raise ConfigError(f"paths.data_dir: MNIST file {path} is too short for an idx file ({len(data)} bytes)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header)
+
+
 class MNISTTask(ImageClassificationTask):
     """The 10k MNIST test set from ``data_dir/mnist`` (idx, gzip), split 8k train / 1k val / 1k test."""
 
@@ -99,9 +115,10 @@ class MNISTTask(ImageClassificationTask):
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise ConfigError(f"paths.data_dir: MNIST file {missing[0]} not found (set INFERNO_DATA or paths.data_dir to the shared data folder)")
-        with gzip.open(paths[0]) as f:
-            raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16)
-        with gzip.open(paths[1]) as f:
-            labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
+        raw, labels = (idx_payload(p, header) for p, header in zip(paths, (16, 8)))
+        if raw.size % (28 * 28) or raw.size // (28 * 28) != labels.size:
+            raise ConfigError(f"paths.data_dir: MNIST files {paths[0]} and {paths[1]} do not hold 28x28 images and one "
+                              f"label each ({raw.size} pixel bytes, {labels.size} labels)")
+        labels = labels.astype(np.int64)
         images = (raw.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0 - 0.1307) / 0.3081
         return Dataset.from_dict({"image": images, "label": labels})
