@@ -154,11 +154,10 @@ def run_child(a, name: str, model_dir: Path, stream: bool) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--out", "-", "--measure", str(result),
            "--sample-s", str(a.sample_s), "--", *cli_args(a, model_dir, run_dir, stream)]
     print(f"[{name}] python -m inferno {' '.join(cli_args(a, model_dir, run_dir, stream))}", flush=True)
-    log = open(Path(a.workdir) / f"{name}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    log.close()
+    with open(Path(a.workdir) / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (ru_maxrss)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or not result.is_file():
         tail = (Path(a.workdir) / f"{name}.log").read_text()[-3000:]
         raise SystemExit(f"[{name}] exit {proc.returncode}:\n{tail}")
@@ -219,7 +218,7 @@ def bench(a, layers: int, tag: str = "") -> tuple[dict, dict, dict]:
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--out", "-", "--build", str(dense),
                                *[f"--{k}={v}" for k, v in opts.items()]],
                               env=dict(os.environ, OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1"), stdout=log,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, check=False)
     if done.returncode:
         raise SystemExit(f"building the model failed:\n{(work / f'build{tag}.log').read_text()[-3000:]}")
     info = json.loads((dense / "bench_stream_build.json").read_text())
@@ -243,7 +242,7 @@ def main(a) -> None:
         depth = {"layers": a.depth_check, "disk_bytes": d_info["disk_bytes"], "weights_identical": d_weights["identical"]}
         depth |= {f"peak_rss_mb_{k}": r["peak_rss_mb"] for k, r in d_runs.items()}
         depth |= {f"wall_s_{k}": r["wall_s"] for k, r in d_runs.items()}
-        depth |= {f"ppl_pruned_{k}": [float(p["value"]) for p in r["points"] if p["method"] == "wanda"][0]
+        depth |= {f"ppl_pruned_{k}": next(float(p["value"]) for p in r["points"] if p["method"] == "wanda")
                   for k, r in d_runs.items()}
 
     def ppl(r, method):

@@ -356,11 +356,15 @@ def test_bad_options_fail_in_one_line(kwargs, match):
 
 @pytest.mark.parametrize("override,match", [
     ("pruner.rewind_iter=100000", "pruner.rewind_iter: 100000 must be below"),
-    ("model.checkpoint=/nonexistent.safetensors", "model.checkpoint: DNNShifter rewinds"),
+    ("model.checkpoint={ckpt}", "model.checkpoint: DNNShifter rewinds"),  # a readable file, still refused
+    ("model.checkpoint=/nonexistent.safetensors", "model.checkpoint: file /nonexistent.safetensors not found"),
     ("pruner.levels=0", "pruner.levels"),
 ])
 def test_cli_errors_come_before_training(compose_cfg, tmp_path, override, match, shared_data):
-    cfg = compose_cfg(*FAST, "pruner=dnnshifter", override)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "ckpt.safetensors"))
+    cfg = compose_cfg(*FAST, "pruner=dnnshifter", override.format(ckpt=tmp_path / "ckpt.safetensors"))
     with pytest.raises(ConfigError, match=match):
         run(cfg, tmp_path)
     assert not (tmp_path / "dense.safetensors").exists()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
