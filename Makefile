@@ -17,6 +17,9 @@ run: $(STAMP)
 	$(BIN)/python -m inferno
 
 test: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -25,4 +28,4 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test test-all lint clean
