@@ -111,7 +111,15 @@ class RandomSampling(SearchLoop):
                 return arch, net
         raise ConfigError(f"pruner.budget: no architecture within {state['limits']} in {self.max_tries} random draws")
 
+    def draws(self, ctx, state):
+        """The progress bar over the draws (held across steps; ``max_samples`` is the most there can be)."""
+        if getattr(self, "_bar", None) is None:
+            self._bar = ctx.progress(range(self.max_samples), desc=f"{self.label}: samples")
+            self._bar.update(state["step"])  # a resumed search starts where it stopped
+        return self._bar
+
     def step(self, ctx, state, nets):
+        bar = self.draws(ctx, state)
         choice, net = self.sample(ctx, state)
         cost = TrainingCost(**state["cost"])
         self.seed(ctx, state["step"])  # initialisation depends only on the sample's index
@@ -122,8 +130,14 @@ class RandomSampling(SearchLoop):
         if state["best_val"] is None or p.extra["val_value"] > state["best_val"]:
             state["best_val"] = p.extra["val_value"]
             nets["best"] = net  # saved with the state: the best sample so far, by validation accuracy
+        bar.update(1)
+        ctx.log(f"{self.label}: sample {state['step'] + 1} {spec_summary(net)}: val {p.extra['val_value']:.4f}, "
+                f"{state['cost']['samples']} training samples so far")
 
     def finish(self, ctx, state, nets):
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+            self._bar = None
         if "best" in nets:  # the chosen architecture's trained weights (+ its spec) in the run dir
             ctx.save_net(nets["best"], f"{self.method}_best")
         ctx.results[self.label] = {"train_samples": state["cost"]["samples"], "train_macs": state["cost"]["macs"],

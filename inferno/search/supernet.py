@@ -209,12 +209,15 @@ class Supernet(SearchLoop):
         archs = []
         largest = {"depths": [len(st) for st in supernet.stages], "widths": [1.0] * len(supernet.stages), "stem": 1.0}
         pool = [largest] + [sample() for _ in range(50 * self.candidates)]
-        for arch in pool:
+        drawn = ctx.progress(pool, desc=f"supernet: candidate pool (the first {self.candidates} within the budget)")
+        for arch in drawn:
             net = supernet.extract(arch)
             if arch not in archs and Budget.fits({"macs": count_macs(net, x), "params": count_params(net)}, state["limits"]):
                 archs.append(arch)
             if len(archs) >= self.candidates:
                 break
+        drawn.close()
+        ctx.log(f"supernet: {len(archs)} candidate(s) within {state['limits']}")
         if not archs:
             raise ConfigError(f"pruner.budget: no supernet sub-network within {state['limits']}")
         best = None

@@ -262,13 +262,13 @@ class CommonsenseTask(LMTask):
         return self._requests
 
     @torch.no_grad()
-    def option_logliks(self, net) -> list[list[tuple[float, int]]]:
+    def option_logliks(self, net, progress: bool = False) -> list[list[tuple[float, int]]]:
         """The project's scorer: per evaluated item, (sum of log p, number of tokens) of every choice's continuation
-        given its context (batched, right-padded, one forward per sequence)."""
+        given its context (batched, right-padded, one forward per sequence; ``progress``: a bar over batches)."""
         reqs = self.requests()
         seqs = [ctx + cont for r in reqs for ctx, cont in r]
         spans = [(len(ctx), len(ctx) + len(cont)) for r in reqs for ctx, cont in r]
-        scores = self.sequence_logprobs(net, seqs, spans)
+        scores = self.sequence_logprobs(net, seqs, spans, progress=progress)
         out, k = [], 0
         for r in reqs:
             out.append(scores[k : k + len(r)])
@@ -282,12 +282,12 @@ class CommonsenseTask(LMTask):
             self._harness = HarnessTask(self.harness_task or "commonsense", self.items)
         return self._harness
 
-    def score(self, net) -> tuple[dict[str, float], list[list[tuple[float, int]]]]:
+    def score(self, net, progress: bool = False) -> tuple[dict[str, float], list[list[tuple[float, int]]]]:
         """``acc`` / ``acc_norm`` and, per evaluated item, (log-likelihood, tokens) of every choice -- from the
         configured evaluator (token counts: the continuation's tokens in the harness' split)."""
         self.setup()
         if self.evaluator == "inferno":
-            results = self.option_logliks(net)
+            results = self.option_logliks(net, progress)
             scores = score_choices(self.items, results)
             return {"acc": scores["acc"], "acc_norm": scores["acc_norm"]}, results
         limit = max_length(net)
@@ -301,7 +301,7 @@ class CommonsenseTask(LMTask):
         return out.metrics, results
 
     def evaluate(self, net, split: str = "test", trainers=None) -> dict[str, float]:
-        metrics, results = self.score(net)
+        metrics, results = self.score(net, progress=bool(getattr(trainers, "progress_bar", False)))
         return {**metrics, "task_nll": task_nll(self.items, results), "n_examples": len(self.items)}
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from inferno.errors import ConfigError
 
@@ -386,9 +387,11 @@ class LMTask:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def sequence_logprobs(self, net, seqs: list[list[int]], spans: list[tuple[int, int]], batch_size: int | None = None):
+    def sequence_logprobs(self, net, seqs: list[list[int]], spans: list[tuple[int, int]], batch_size: int | None = None,
+                          progress: bool = False):
         """For each token sequence, (sum of log p(token | prefix), count) over tokens ``span[0]:span[1]``.
-        Sequences longer than the model's context lose tokens on the left. Batched with right padding."""
+        Sequences longer than the model's context lose tokens on the left. Batched with right padding;
+        ``progress``: a bar over the batches."""
         net.eval()
         device = model_device(net)
         limit = max_length(net)
@@ -399,7 +402,7 @@ class LMTask:
             items.append((s[cut:], max(1, a - cut), b - cut))
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-        for k in range(0, len(order), batch_size):
+        for k in tqdm(range(0, len(order), batch_size), desc="score sequences", disable=not progress, leave=False):
             idx = order[k : k + batch_size]
             width = max(len(items[i][0]) for i in idx)
             ids = torch.zeros(len(idx), width, dtype=torch.long)
@@ -509,12 +512,14 @@ class PerplexityTask(LMTask):
         return [Window(self.corpus.key, a + i * w.shape[1], a + (i + 1) * w.shape[1]) for i in range(w.shape[0])]
 
     @torch.no_grad()
-    def nll(self, net) -> tuple[float, int]:
-        """Summed next-token NLL and the number of predicted tokens over the evaluated windows."""
+    def nll(self, net, progress: bool = False) -> tuple[float, int]:
+        """Summed next-token NLL and the number of predicted tokens over the evaluated windows (``progress``: a bar
+        over the batches)."""
         net.eval()
         device = model_device(net)
         total, count = 0.0, 0
-        for batch in self.windows(net).split(self.eval_batch_size):
+        for batch in tqdm(self.windows(net).split(self.eval_batch_size), desc="perplexity", disable=not progress,
+                          leave=False):
             batch = batch.to(device)
             logits = net(input_ids=batch).logits.float()
             loss = torch.nn.functional.cross_entropy(
@@ -525,7 +530,7 @@ class PerplexityTask(LMTask):
         return total, count
 
     def evaluate(self, net, split: str = "test", trainers=None) -> dict[str, float]:
-        total, count = self.nll(net)
+        total, count = self.nll(net, progress=bool(getattr(trainers, "progress_bar", False)))
         return {"perplexity": math.exp(total / count), "nll": total / count, "eval_tokens": count}
 
 

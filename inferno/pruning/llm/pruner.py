@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from inferno.cost import SparseLatency, TrainingCost, measure_sparse_latency
 from inferno.errors import ConfigError, check_int
@@ -222,7 +223,8 @@ class LLMPruner:
         torch.manual_seed(self.seed)
         outs = []
         chunks = ids.split(self.batch_size) if torch.is_tensor(ids) else ids  # a list: one example at a time
-        for chunk in chunks:
+        for chunk in tqdm(chunks, desc=f"{self.name}: generate {self.generate} tokens", disable=not self.progress,
+                          leave=False):
             out = net.generate(
                 input_ids=chunk.to(device), attention_mask=torch.ones_like(chunk).to(device),
                 max_new_tokens=self.generate, min_new_tokens=self.generate, do_sample=True, top_k=50,

@@ -183,9 +183,10 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, calib_inputs, device="cpu", batch_size: int = 8, store_device="cpu"
+    model: nn.Module, calib_inputs, device="cpu", batch_size: int = 8, store_device="cpu", progress: bool = False
 ) -> LayerInputs:
-    """Inputs of the first decoder block for every calibration chunk (see module docstring)."""
+    """Inputs of the first decoder block for every calibration chunk (see module docstring); ``progress``: a bar
+    over the chunks."""
     blocks = get_blocks(model)
     home = _home(model)
     state = LayerInputs([], [], [])
@@ -203,7 +204,8 @@ def capture_inputs(
     model.config.use_cache = False
     _move_outside_blocks(model, blocks, device)
     try:
-        for ids in calibration_chunks(calib_inputs, batch_size):
+        for ids in tqdm(calibration_chunks(calib_inputs, batch_size), desc="capture inputs", disable=not progress,
+                        leave=False):
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _Captured:
@@ -468,7 +470,7 @@ def prune_model(
         if method.needs_calibration:
             if calib_inputs is None:
                 raise ValueError(f"method {method.name!r} needs calibration inputs (calib_inputs is None)")
-            state = capture_inputs(model, calib_inputs, device, batch_size, store_device)
+            state = capture_inputs(model, calib_inputs, device, batch_size, store_device, progress)
             if hasattr(method, "prepare"):  # OWL, FLAP, ShortGPT: a dense measuring pass; NIRVANA: gradients
                 method.prepare(model, state.copy(), device=device, store_device=store_device, progress=progress,
                                calib=calib_inputs, batch_size=batch_size)
