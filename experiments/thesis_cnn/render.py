@@ -16,6 +16,10 @@ Each run directory (``<multirun>/<n>/``) holds ``points.csv`` and ``summary.json
   lines per seed, greedy's finals as markers) and against MACs (the baselines' Pareto fronts per seed,
   greedy's selected paths).
 - ``points_seed{S}_budget{B}.csv``: each run's points.
+- ``report/``: the project's cross-run report of the same runs (``inferno.report``: every method × budget and
+  step, mean ± std over seeds, Pareto plots against MACs, effective MACs, latency and training cost, and a
+  self-contained ``index.html``); the tables above are the experiment's own (fractions of the start model's
+  MACs, cost to reach greedy's accuracy), which the generic report does not compute.
 """
 
 from __future__ import annotations
@@ -390,6 +394,9 @@ def render(dirs: list[Path], out: Path, add: list[Path] = ()) -> str:
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     plot(runs, budgets, out / "curves.png")
+    from inferno.report import render as report
+
+    report([*dirs, *add], out / "report")
     return text
 
 

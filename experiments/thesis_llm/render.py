@@ -4,7 +4,10 @@
 
 Writes ``table.md`` (mean ± std over calibration seeds: WikiText-2 perplexity; per commonsense task acc,
 acc_norm and task_nll), ``checks.md`` (the issue's expected orderings, with the figures), ``points_all.csv``
-and one ``<model>.png`` per model (quality against setting, one line per method).
+and one ``<model>.png`` per model (quality against setting, one line per method); and ``report/``, the project's
+cross-run report of the same points (``inferno.report``: mean ± std over seeds per method × configuration, Pareto
+plots against MACs, effective MACs, latency and training cost, a self-contained ``index.html``). The tables here
+are the experiment's own (its labels and settings, acc / acc_norm / task_nll per task, the expected orderings).
 """
 
 from __future__ import annotations
@@ -294,10 +297,13 @@ def main() -> None:
         "# Expected outcomes (issues 4 and 9)\n\n" + checks(data) + "\n\n## Pruned perplexity below dense\n\n"
         + ("\n".join(f"- {x}" for x in below) if below else "none") + "\n")
     figs = plots(rows, data, outdir)
+    from inferno.report import render as report
+
+    index = report([root], outdir / "report")
     print(md)
     print()
     print(checks(data))
-    print("wrote", outdir / "table.md", outdir / "checks.md", *figs)
+    print("wrote", outdir / "table.md", outdir / "checks.md", *figs, index)
 
 
 if __name__ == "__main__":
