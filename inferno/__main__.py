@@ -47,6 +47,12 @@ def composition_message(e: BaseException) -> str:
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         return f"{group or option}: unknown option {option!r}; allowed: {', '.join(sorted(e.options))}"
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in str(e.missing_cfg_file):
+        # an option in a list (logger=[csv,nope]): Hydra names the file but not the options
+        group, _, option = str(e.missing_cfg_file).rpartition("/")
+        if (CONF_DIR / group).is_dir():
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            return f"{group}: unknown option {option!r}; allowed: {', '.join(options)}"
     if isinstance(e, OverrideParseException):
         why = [line for line in str(e).splitlines() if not line.startswith("Error parsing override")]
         return f"override {e.override!r}: {' '.join(' '.join(why).split()) or _first(e)}"

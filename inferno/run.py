@@ -42,6 +42,7 @@ class RunContext:
     results: dict = field(default_factory=dict)  # what each method of the run reports to later ones
     dense_point: Point | None = None  # the start model's point (its costs are what budgets are relative to)
     _dense: tuple | None = field(default=None, repr=False)
+    _fits: int = field(default=0, repr=False)  # fits without a curve name so far (their curves' default names)
 
     @property
     def model_name(self) -> str:
@@ -74,12 +75,18 @@ class RunContext:
         return count_macs(net, self.example())
 
     def finetune(self, net: nn.Module, epochs: float, cost: TrainingCost, train: TrainConfig | None = None,
-                 val_history: list | None = None, callbacks: list | None = None) -> None:
+                 val_history: list | None = None, callbacks: list | None = None, curve: str | None = None) -> None:
         """Train ``net`` in place (with ``train``, default the run's recipe) and add the examples it processed
         (and their MACs) to ``cost``; with a ``val_history`` list, every epoch's validation accuracy lands in it;
-        ``callbacks``: extra Lightning callbacks of this fit."""
-        samples = self.trainers.fit(net, self.task, epochs, train or self.train, val_history, callbacks)
+        ``callbacks``: extra Lightning callbacks of this fit. Its per-epoch training curves go to the tracker as
+        ``curve`` (default ``<pruner>/fit<n>``, n counting this run's fits)."""
+        curves: dict = {}
+        samples = self.trainers.fit(net, self.task, epochs, train or self.train, val_history, callbacks, curves)
         cost.add(samples, self.macs(net))
+        if curve is None:
+            self._fits += 1
+            curve = f"{self.cfg.pruner.name}/fit{self._fits}"
+        self.tracker.add_curve(curve, curves)
 
     def evaluate(self, net: nn.Module, split: str = "test") -> dict[str, float]:
         """Every metric the task reports for ``net`` on ``split`` (``val`` selects, ``test`` reports)."""
@@ -95,7 +102,7 @@ class RunContext:
             if ckpt:
                 net.load_state_dict(load_checkpoint(ckpt, net, self.model_name))
             else:
-                self.finetune(net, self.cfg.train.dense_epochs, cost, callbacks=callbacks)
+                self.finetune(net, self.cfg.train.dense_epochs, cost, callbacks=callbacks, curve="dense/step0")
             self.save_net(net, "dense")
             self.dense_point = self.record("dense", 0, net, cost)
             self._dense = (net, cost)
@@ -271,25 +278,42 @@ def plot_axes(cfg: DictConfig):
     return OmegaConf.to_container(axes) if OmegaConf.is_config(axes) else axes
 
 
-# The modes W&B accepts (``logger.mode``; checked before wandb is started, which refuses others in a traceback).
+# The modes W&B accepts (``logger.wandb.mode``; checked before wandb is started, which refuses others in a traceback).
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
+def logger_nodes(node) -> dict:
+    """``cfg.logger``: one node per selected logger option, by name (``logger=[wandb,mlflow]``); empty for
+    ``logger=none``. Entries without a ``_target_`` (set to null by an override) are left out."""
+    if node is None or not OmegaConf.is_dict(node):
+        return {}
+    return {str(k): v for k, v in node.items() if OmegaConf.is_dict(v) and v.get("_target_")}
+
+
 def check_logger(node) -> None:
-    if node is not None and str(node.get("_target_", "")).endswith("WandbLogger") and "mode" in node:
-        check_choice("logger.mode", node.mode, WANDB_MODES, "mode")
+    for name, lg in logger_nodes(node).items():
+        if str(lg.get("_target_", "")).endswith("WandbLogger") and "mode" in lg:
+            check_choice(f"logger.{name}.mode", lg.mode, WANDB_MODES, "mode")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    if cfg.logger is None or not cfg.logger.get("_target_"):
+    """Every selected logger, each writing under ``run_dir`` (MLflow into its ``tracking_uri``'s store)."""
+    nodes = logger_nodes(cfg.get("logger"))
+    if not nodes:
         return []
     os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        return [instantiate(cfg.logger, save_dir=str(run_dir))]
-    except InstantiationException as e:  # a logger's bad value: one line naming the group
-        if isinstance(e.__cause__, (ValueError, TypeError, OSError)):
-            raise ConfigError(config_message("logger", e.__cause__)) from e
-        raise
+    out = []
+    for name, node in nodes.items():
+        uri = str(node.get("tracking_uri") or "")
+        if uri.startswith("sqlite:///"):  # SQLite does not make the store's folder
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.append(instantiate(node, save_dir=str(run_dir)))
+        except InstantiationException as e:  # a logger's bad value: one line naming the group
+            if isinstance(e.__cause__, (ValueError, TypeError, OSError)):
+                raise ConfigError(config_message(f"logger.{name}", e.__cause__)) from e
+            raise
+    return out
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:

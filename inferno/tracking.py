@@ -99,6 +99,7 @@ class Tracker:
         self.config = config or {}
         self.x_axes = x_axes
         self.points: list[Point] = []
+        self.curves: dict[str, dict[str, list[float]]] = {}  # per-epoch training curves by name (add_curve)
         self.csv_path = self.run_dir / "points.csv"
         self._fieldnames: list[str] | None = None
         if self.csv_path.is_file():  # a rerun in the same folder (e.g. after a crash): keep what the last one wrote
@@ -132,7 +133,26 @@ class Tracker:
         numeric = {f"{point.method}/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         for lg in self.loggers:
             lg.log_metrics(numeric, step=len(self.points) - 1)
+        log.info(f"point {len(self.points) - 1}: {point.method} step {point.step}: {point.metric} {point.value:.6g}, "
+                 f"macs {point.macs}, train_samples {point.train_samples}")
         return point
+
+    def add_curve(self, name: str, curves: dict[str, list[float]] | None) -> None:
+        """Per-epoch training curves of one fit (``train_loss``, ``train_accuracy``, ``val_accuracy``: one value
+        per epoch), named by method and step (e.g. ``greedy_layerwise/step2/child0``): every logger gets
+        ``curves/<name>/<series>`` at step = epoch, ``summary.json`` keeps them under ``curves``; points.csv is
+        not touched. A name given again (a retrained model) gets a ``_2`` suffix."""
+        curves = {k: [float(v) for v in vs] for k, vs in (curves or {}).items() if vs}
+        if not curves:
+            return
+        base, k = name, 1
+        while name in self.curves:
+            k += 1
+            name = f"{base}_{k}"
+        self.curves[name] = curves
+        for lg in self.loggers:
+            for epoch in range(max(len(v) for v in curves.values())):
+                lg.log_metrics({f"curves/{name}/{s}": v[epoch] for s, v in curves.items() if epoch < len(v)}, step=epoch)
 
     def update(self, point: Point, **extra) -> Point:
         """Set extra columns on a point recorded earlier (e.g. ``selected=True`` on the child a greedy step
@@ -182,11 +202,13 @@ class Tracker:
             "results": results or {},
             "n_points": len(self.points),
             "wall_s": self.elapsed(),
+            "curves": self.curves,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         png = plot_curve([p.row() for p in self.points], self.run_dir / "curve.png", self.x_axes)
         for lg in self.loggers:
             _log_tables(lg, self.points, png, self.x_axes)
+            _log_files(lg, self.run_dir, summary, png)
             lg.finalize("success")
             _close(lg)
         return summary
@@ -410,6 +432,29 @@ def _panel(ax, pts: list[dict], x: str, metric: str, colors: dict, legend: dict,
     ax.grid(alpha=0.3, which="both", lw=0.5)
     if not pts:
         ax.text(0.5, 0.5, f"no point has {x}", transform=ax.transAxes, ha="center", color="0.4")
+
+
+def _log_files(logger, run_dir: Path, summary: dict, png: Path) -> None:
+    """The run's files for loggers that keep files: MLflow gets ``summary.json``, ``curve.png`` and
+    ``points.csv`` as artifacts of its run; TensorBoard the curve as an image and the summary (best point per
+    method, objective, wall time) as text. W&B's are in ``_log_tables``; the CSV logger keeps metrics only."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    if isinstance(logger, MLFlowLogger):
+        for name in ("summary.json", "curve.png", "points.csv"):
+            if (run_dir / name).is_file():
+                logger.experiment.log_artifact(logger.run_id, str(run_dir / name))
+    elif isinstance(logger, TensorBoardLogger):
+        import numpy as np
+        from PIL import Image
+
+        if png.is_file():
+            img = np.asarray(Image.open(png).convert("RGB"))
+            logger.experiment.add_image("curve", img, dataformats="HWC")
+        brief = {k: summary.get(k) for k in ("best", "objective", "n_points", "wall_s")}
+        text = json.dumps(brief, indent=2, default=str)
+        logger.experiment.add_text("summary", "\n".join("    " + line for line in text.splitlines()))
+        logger.experiment.flush()
 
 
 def _close(logger) -> None:

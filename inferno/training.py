@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from inferno.cost import run_device
 
@@ -100,6 +101,13 @@ def check_hardware(hw) -> None:
         check_bool(f"hardware.{key}", hw.get(key))
 
 
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of ``logits`` (..., classes) against integer ``target`` through torchmetrics (micro
+    average: the fraction of correct predictions, as a float tensor)."""
+    return multiclass_accuracy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), num_classes=logits.shape[-1],
+                               average="micro")
+
+
 class ClassificationModule(L.LightningModule):
     """Fine-tunes and evaluates any classifier ``nn.Module``; counts the training examples it sees."""
 
@@ -116,16 +124,20 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch, _):
         x, y = batch
-        loss = F.cross_entropy(self(x), y, label_smoothing=self.train_cfg.label_smoothing)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)
         self.samples_seen += len(y)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        # epoch means (example-weighted) for the training curves (TrainingCurves)
+        self.log("train_loss_epoch", loss.detach(), on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train_accuracy", accuracy(logits.detach(), y), on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def _eval_step(self, batch, split: str):
         x, y = batch
         logits = self(x)
         self.log(f"{split}_loss", F.cross_entropy(logits, y), batch_size=len(y), prog_bar=True)
-        self.log(f"{split}_accuracy", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), prog_bar=True)
+        self.log(f"{split}_accuracy", accuracy(logits, y), batch_size=len(y), prog_bar=True)
 
     def validation_step(self, batch, _):
         self._eval_step(batch, "val")
@@ -156,6 +168,24 @@ class _ValHistory(L.Callback):
     def on_validation_epoch_end(self, trainer, module):
         if not trainer.sanity_checking:
             self.out.append(float(trainer.callback_metrics["val_accuracy"]))
+
+
+class TrainingCurves(L.Callback):
+    """Per-epoch training curves of one fit into ``out``: ``train_loss`` and ``train_accuracy`` (means over the
+    epoch's training examples) and, where a validation loader is used, ``val_accuracy``."""
+
+    def __init__(self, out: dict):
+        self.out = out
+
+    def on_train_epoch_end(self, trainer, module):
+        m = trainer.callback_metrics
+        for key, name in (("train_loss_epoch", "train_loss"), ("train_accuracy", "train_accuracy")):
+            if key in m:
+                self.out.setdefault(name, []).append(float(m[key]))
+
+    def on_validation_epoch_end(self, trainer, module):
+        if not trainer.sanity_checking and "val_accuracy" in trainer.callback_metrics:
+            self.out.setdefault("val_accuracy", []).append(float(trainer.callback_metrics["val_accuracy"]))
 
 
 class Trainers:
@@ -192,15 +222,17 @@ class Trainers:
         )
 
     def fit(self, net: nn.Module, task, epochs: float, train: TrainConfig | None = None,
-            val_history: list | None = None, callbacks: list | None = None) -> int:
+            val_history: list | None = None, callbacks: list | None = None, curves: dict | None = None) -> int:
         """Train ``net`` in place for ``epochs`` on ``task``; returns the number of training examples processed.
         With a ``val_history`` list, the validation accuracy after every epoch is appended to it; ``callbacks``
-        are extra Lightning callbacks for this fit (e.g. one that keeps the weights of an early iteration)."""
-        return self.fit_module(ClassificationModule(net, train, epochs), task, epochs, val_history, callbacks)
+        are extra Lightning callbacks for this fit (e.g. one that keeps the weights of an early iteration);
+        with a ``curves`` dict, the per-epoch training curves land in it (:class:`TrainingCurves`)."""
+        return self.fit_module(ClassificationModule(net, train, epochs), task, epochs, val_history, callbacks, curves)
 
     def fit_module(self, module: ClassificationModule, task, epochs: float, val_history: list | None = None,
-                   callbacks: list | None = None) -> int:
-        """Fit any ClassificationModule (e.g. a supernet's) on ``task``'s training split; examples processed."""
+                   callbacks: list | None = None, curves: dict | None = None) -> int:
+        """Fit any ClassificationModule (e.g. a supernet's) on ``task``'s training split; examples processed;
+        ``curves``: a dict the per-epoch training curves land in."""
         if epochs > 0:
             module.net.train()
             kw = {}
@@ -209,6 +241,8 @@ class Trainers:
             trainer = self.make(epochs)
             if val_history is not None:
                 trainer.callbacks.append(_ValHistory(val_history))
+            if curves is not None:
+                trainer.callbacks.append(TrainingCurves(curves))
             trainer.callbacks.extend(callbacks or [])
             trainer.fit(module, train_dataloaders=task.train_dataloader(), **kw)
         module.net.to(self.device)

@@ -35,12 +35,12 @@ def test_composed_config_has_every_group(compose_cfg):
         "microcnn", "digits", "greedy_vs_random", "cpu")
     assert [k for k, v in cfg.pruner.methods.items() if v] == ["greedy_layerwise", "random_sampling"]
     assert cfg.pruner.methods.random_sampling.budget == cfg.pruner.budget
-    assert cfg.logger.mode == "offline"
+    assert list(cfg.logger) == ["wandb"] and cfg.logger.wandb.mode == "offline"
     assert cfg.model.in_channels == cfg.task.in_channels == 1
     cfg = compose_cfg("model=resnet20", "task=mnist", "hardware=gpu", "logger=csv", "experiment=smoke")
     assert cfg.model.name == "resnet20" and cfg.task.data_dir == cfg.paths.data_dir
     assert cfg.hardware.accelerator == "gpu" and cfg.hardware.latency_batch_size == 256
-    assert cfg.pruner.ratios == [0.5] and cfg.logger._target_.endswith("CSVLogger")
+    assert cfg.pruner.ratios == [0.5] and cfg.logger.csv._target_.endswith("CSVLogger")
     assert not compose_cfg("logger=none").logger
 
 

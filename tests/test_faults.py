@@ -164,7 +164,9 @@ CASES = {
     "pruner-option": (["pruner=nope"], "pruner: unknown option 'nope'", ["allowed:", "uniform", "wanda"]),
     "hardware-option": (["hardware=tpu"], "hardware: unknown option 'tpu'", ["allowed: cpu, gpu"]),
     "hardware-ddp-removed": (["hardware=ddp"], "hardware: unknown option 'ddp'", ["allowed: cpu, gpu"]),
-    "logger-option": (["logger=tensorboard"], "logger: unknown option 'tensorboard'", ["allowed: csv, none, wandb"]),
+    "logger-option": (["logger=tensorboardx"], "logger: unknown option 'tensorboardx'",
+                      ["allowed: csv, mlflow, none, tensorboard, wandb"]),
+    "logger-option-in-list": (["logger=[csv,nope]"], "logger: unknown option 'nope'", ["allowed:", "mlflow"]),
     "experiment-option": (["experiment=nope"], "experiment: unknown option 'nope'", ["allowed:", "smoke"]),
     "paths-option": (["paths=nope"], "paths: unknown option 'nope'", ["allowed: default"]),
     # unknown keys
@@ -177,7 +179,8 @@ CASES = {
     "optimizer": (["train.optimizer=adam"], "train.optimizer: unknown optimizer 'adam'", ["allowed: adamw, sgd"]),
     "schedule": (["+train.schedule=cosine"], "train.schedule: unknown schedule 'cosine'", ["allowed: onecycle, constant"]),
     "precision": (["hardware.precision=8-true"], "hardware.precision: unknown precision '8-true'", ["32-true", "bf16-mixed"]),
-    "wandb-mode": (["logger=wandb", "logger.mode=sideways"], "logger.mode: unknown mode 'sideways'", ["offline", "online"]),
+    "wandb-mode": (["logger=wandb", "logger.wandb.mode=sideways"], "logger.wandb.mode: unknown mode 'sideways'",
+                   ["offline", "online"]),
     "llm-calibration": ([*LLM, "pruner.calibration=nope"], "pruner.calibration", ["wikitext2", "a text file"]),
     # out of range
     "ratio": (["pruner.ratios=[0.5,1.5]"], "pruner.ratios: ratio 1.5 is outside [0, 1)", []),

@@ -30,7 +30,7 @@ import sys
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -309,10 +309,12 @@ class Fit:
 
 @dataclass
 class Fitted:
-    """What a :class:`Fit` did: training examples processed, and the per-epoch validation accuracies (or None)."""
+    """What a :class:`Fit` did: training examples processed, the per-epoch validation accuracies (or None) and
+    the per-epoch training curves (``train_loss``, ``train_accuracy``, ``val_accuracy``: lists by epoch)."""
 
     samples: int
     history: list | None = None
+    curves: dict = field(default_factory=dict)
 
 
 _WORKER: dict = {}  # in a worker process: the task and Trainers built once from the run's config
@@ -333,8 +335,9 @@ def _init_worker(cfg: dict, threads: int) -> None:
 def _fit_in_worker(net: nn.Module, epochs: float, seed: int, train: TrainConfig, val_history: bool):
     L.seed_everything(seed, workers=True, verbose=False)
     history = [] if val_history else None
-    samples = _WORKER["trainers"].fit(net, _WORKER["task"], epochs, train, history)
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, samples, history
+    curves: dict = {}
+    samples = _WORKER["trainers"].fit(net, _WORKER["task"], epochs, train, history, curves=curves)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, samples, history, curves
 
 
 class SearchLoop:
@@ -470,18 +473,19 @@ class SearchLoop:
             out = []
             for f in fits:
                 self.seed(ctx, *f.where)
-                history = [] if f.val_history else None
-                out.append(Fitted(ctx.trainers.fit(f.net, ctx.task, f.epochs, f.train or ctx.train, history), history))
+                history, curves = ([] if f.val_history else None), {}
+                samples = ctx.trainers.fit(f.net, ctx.task, f.epochs, f.train or ctx.train, history, curves=curves)
+                out.append(Fitted(samples, history, curves))
             return out
         pool = self.workers(ctx, workers)
         futures = [pool.submit(_fit_in_worker, f.net.cpu(), f.epochs, self.seed_value(ctx, *f.where),
                                f.train or ctx.train, f.val_history) for f in fits]
         out = []
         for f, future in zip(fits, ctx.progress(futures, desc=f"{self.method}: {len(fits)} fits on {workers} workers")):
-            weights, samples, history = future.result()
+            weights, samples, history, curves = future.result()
             f.net.load_state_dict(weights)
             f.net.to(ctx.device)
-            out.append(Fitted(samples, history))
+            out.append(Fitted(samples, history, curves))
         return out
 
     def workers(self, ctx, n: int) -> ProcessPoolExecutor:
@@ -498,6 +502,16 @@ class SearchLoop:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
+    def curve_name(self, step: int, where: tuple) -> str:
+        """The training curves' name of the fit at ``where`` recorded as point ``step``: ``<method>/step<step>``,
+        then ``/child<k>`` for a step's k-th child (``where == (step index, k)``) or the rest of ``where``
+        (e.g. ``/final``, ``/grid_1_2_3``)."""
+        name = f"{self.method}/step{step}" if not self.variant else f"{self.method}-{self.variant}/step{step}"
+        if len(where) == 2 and all(isinstance(w, int) for w in where):
+            return f"{name}/child{where[1]}"
+        rest = [str(w) for w in where if not (isinstance(w, int) and w == step)]
+        return f"{name}/{'_'.join(rest)}" if rest else name
+
     def train_and_record(self, ctx, state: dict, net: nn.Module, epochs: float, cost: TrainingCost, where: tuple,
                          step: int, extra: dict, train=None, val_history: bool = False,
                          fitted: Fitted | None = None) -> Point:
@@ -509,6 +523,7 @@ class SearchLoop:
             fitted = self.fit(ctx, [Fit(net, epochs, where, train, val_history)])[0]
         before = cost.samples
         cost.add(fitted.samples, ctx.macs(net))
+        ctx.tracker.add_curve(self.curve_name(step, where), fitted.curves)
         history = fitted.history
         if history is not None:
             extra = {**extra, "val_history": history}

@@ -35,7 +35,7 @@ from inferno.errors import ConfigError, check_choice, check_int
 from inferno.models.continual import FRAME_KERNELS, StepNet, TemporalConvNet, stream_logits, to_continual
 from inferno.pruning.cnn.surgery import IMPORTANCES
 from inferno.pruning.cnn.uniform import ChannelPruner, check_ratios
-from inferno.training import check_epochs
+from inferno.training import accuracy, check_epochs
 
 
 def state_bytes(state) -> int:
@@ -108,7 +108,7 @@ class ContinualPruner:
         logits = stream_logits(step_net, inputs, len(targets), self.streams,
                                progress=lambda s: ctx.progress(s, f"continual {split} steps")).cpu()
         diff = float((logits - reference).abs().max()) if reference is not None else None
-        return float((logits.argmax(1) == targets).float().mean()), diff
+        return float(accuracy(logits, targets)), diff
 
     def run(self, ctx) -> None:
         if not isinstance(ctx.net, TemporalConvNet):
