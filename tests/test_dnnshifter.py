@@ -149,13 +149,13 @@ def test_cli_run_rewinds_and_records_every_level(compose_cfg, tmp_path, monkeypa
     def dense(self, callbacks=None):
         return dense_fn(self, callbacks=[*(callbacks or []), EarlyCallback()])
 
-    def finetune(self, net, epochs, cost, train=None, val_history=None, callbacks=None):
+    def finetune(self, net, epochs, cost, train=None, val_history=None, callbacks=None, **kw):
         if any(hasattr(m, "weight_mask") for m in net.modules()):
             state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             effective = {n: (m.weight_orig * m.weight_mask).detach().clone()
                          for n, m in net.named_modules() if hasattr(m, "weight_mask")}
             seen.append((state, effective))
-        return finetune_fn(self, net, epochs, cost, train, val_history, callbacks)
+        return finetune_fn(self, net, epochs, cost, train, val_history, callbacks, **kw)
 
     monkeypatch.setattr(RunContext, "dense", dense)
     monkeypatch.setattr(RunContext, "finetune", finetune)
