@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -296,6 +297,25 @@ def check_logger(node) -> None:
             check_choice(f"logger.{name}.mode", lg.mode, WANDB_MODES, "mode")
 
 
+@contextmanager
+def exclusive(path: Path | None):
+    """Hold an exclusive lock on ``path``.lock (POSIX; nothing for None or elsewhere): the jobs of a parallel sweep
+    that share one SQLite MLflow store create its tables one at a time (at once, alembic's migrations collide)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     """Every selected logger, each writing under ``run_dir`` (MLflow into its ``tracking_uri``'s store)."""
     nodes = logger_nodes(cfg.get("logger"))
@@ -305,10 +325,15 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     out = []
     for name, node in nodes.items():
         uri = str(node.get("tracking_uri") or "")
-        if uri.startswith("sqlite:///"):  # SQLite does not make the store's folder
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if store is not None:  # SQLite does not make the store's folder
+            store.parent.mkdir(parents=True, exist_ok=True)
         try:
-            out.append(instantiate(node, save_dir=str(run_dir)))
+            with exclusive(store):
+                logger = instantiate(node, save_dir=str(run_dir))
+                if store is not None:
+                    logger.experiment  # noqa: B018  (creates the store's tables, experiment and run, under the lock)
+            out.append(logger)
         except InstantiationException as e:  # a logger's bad value: one line naming the group
             if isinstance(e.__cause__, (ValueError, TypeError, OSError)):
                 raise ConfigError(config_message(f"logger.{name}", e.__cause__)) from e

@@ -129,3 +129,36 @@ def test_accuracy_through_torchmetrics_equals_a_count():
     trainers = Trainers(progress_bar=False)
     assert trainers.evaluate(net, _Loaders(loader), "test") == pytest.approx(want, abs=1e-6)
     assert trainers.evaluate(net, _Loaders(loader), "val") == pytest.approx(want, abs=1e-6)
+
+
+STORE_JOB = """
+import sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from inferno.run import build_loggers
+root = Path(sys.argv[1])
+cfg = OmegaConf.create({"logger": {"mlflow": {"_target_": "lightning.pytorch.loggers.MLFlowLogger",
+    "experiment_name": "inferno", "tracking_uri": f"sqlite:///{root}/mlflow.db",
+    "artifact_location": f"{root}/mlartifacts", "run_name": sys.argv[2]}}})
+logger = build_loggers(cfg, root / sys.argv[2])[0]
+logger.log_metrics({"value": float(sys.argv[2])}, step=0)
+logger.finalize("success")
+"""
+
+
+def test_parallel_sweep_jobs_share_one_new_mlflow_store(tmp_path):
+    # the jobs of a parallel sweep (joblib, submitit) create one new SQLite store at once: without the lock in
+    # build_loggers, alembic's migrations collide and jobs die ("Online migration expected to match one row")
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    procs = [subprocess.Popen([sys.executable, "-c", STORE_JOB, str(tmp_path), str(i)], stderr=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(2)]
+    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("inferno").experiment_id])
+    assert sorted(r.data.metrics["value"] for r in runs) == [0.0, 1.0]
