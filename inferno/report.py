@@ -14,6 +14,10 @@ where present. Writes into ``--out``:
     count; for ``dense`` (the start model, trained before any pruner runs) the ``pruner.*`` keys do not either;
   * per run, the point that stands for the row: where a method records several points of one step and phase (a
     search's candidates), the ``selected`` one, else the best quality (higher accuracy, lower perplexity / loss);
+  * the phases that close a search (``final``, ``scratch_control``: :data:`END_PHASES`, when a run records them at
+    one step only; uniform's ``final`` points, one per ratio, keep their steps) are one row with step
+    ``end`` whatever step each seed's search ended at (a greedy search takes as many steps as its seed needs), so
+    the winners are averaged over seeds; ``step_mean`` says where they ended on average;
   * n = the number of distinct seeds (a seed met twice, e.g. the same start model in runs of two budgets, counts
     once: its first run in path order); mean and sample std over them of ``value`` (``metric`` names it) and of the
     cost columns ``macs, effective_macs, latency_ms, train_samples`` (std blank for n = 1).
@@ -47,6 +51,7 @@ from inferno.pick import lower_is_better
 from inferno.tracking import plot_curve, read_points, truthy
 
 COSTS = ("macs", "effective_macs", "latency_ms", "train_samples")
+END_PHASES = ("final", "scratch_control")  # recorded once, when a search ends: one row over seeds, step "end"
 AXES = COSTS  # one Pareto plot each
 IGNORED = ("logger", "paths", "plot", "group", "hydra", "hardware.progress_bar")
 ROW_KEYS = ("model", "task", "metric", "method", "variant", "configuration", "phase", "step")
@@ -199,6 +204,8 @@ def _aggregate(groups: dict[tuple, dict[str, dict]], keys: tuple[str, ...]) -> l
         for col in ("value", *COSTS):
             mean, std, _ = _stats([_num(r.get(col)) for r in reps])
             row[f"{col}_mean"], row[f"{col}_std"] = mean, std
+        if row.get("step") == "end":
+            row["step_mean"] = _stats([_num(r.get("step")) for r in reps])[0]
         if any("selected" in r for r in reps):
             row["selected"] = all(truthy(r.get("selected")) for r in reps)
         out.append(row)
@@ -219,14 +226,19 @@ def tables(runs: list[Run]) -> tuple[list[dict], list[dict]]:
     for i, run in enumerate(runs):
         mine: dict[tuple, list[dict]] = defaultdict(list)
         series: dict[tuple, list[dict]] = defaultdict(list)
+        end_steps: dict[tuple, set] = defaultdict(set)  # a phase at one step only in this run ends its search
+        for r in run.rows:
+            end_steps[(_text(r.get("method")), _text(r.get("variant")), _text(r.get("phase")))].add(_text(r.get("step")))
         for r in run.rows:
             if _num(r.get("value")) is None:
                 continue
             base = {k: _text(r.get(k)) for k in ("model", "task", "metric", "method", "variant")}
             base["configuration"] = conf[(i, base["model"], base["task"], base["method"])]
             series[tuple(base[k] for k in BEST_KEYS)].append(r)
-            mine[tuple({**base, "phase": _text(r.get("phase")), "step": _text(r.get("step"))}[k]
-                       for k in ROW_KEYS)].append(r)
+            phase = _text(r.get("phase"))
+            ends = phase in END_PHASES and len(end_steps[(base["method"], base["variant"], phase)]) == 1
+            step = "end" if ends else _text(r.get("step"))
+            mine[tuple({**base, "phase": phase, "step": step}[k] for k in ROW_KEYS)].append(r)
         for key, rs in mine.items():
             chosen = [r for r in rs if truthy(r.get("selected"))] or rs
             steps.setdefault(key, {}).setdefault(run.seed, max(chosen, key=_better(key[2])))
@@ -255,10 +267,16 @@ def _columns(rows: list[dict], keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if k not in ("variant", "configuration", "phase") or any(r.get(k) for r in rows)]
 
 
+def _cell(row: dict, key: str) -> str:
+    if key == "step" and row.get("step_mean") is not None:  # a search's end, at the mean of the seeds' last steps
+        return f"end (mean {fmt(row['step_mean'])})"
+    return _text(row.get(key)) or ("—" if key == "configuration" else "")
+
+
 def _cells(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
     cols = _columns(rows, keys)
     head = [*cols, "n", "value (mean ± std)", *(f"{c} (mean ± std)" for c in COSTS)]
-    body = [[_text(r.get(k)) or ("—" if k == "configuration" else "") for k in cols] + [str(r["n"]), pm(r, "value"),
+    body = [[_cell(r, k) for k in cols] + [str(r["n"]), pm(r, "value"),
             *(pm(r, c) for c in COSTS)] for r in rows]
     return head, body
 
@@ -293,7 +311,8 @@ def plot_rows(table: list[dict]) -> list[dict]:
     for r in table:
         variant = ", ".join(x for x in (r["variant"], r["configuration"]) if x)
         p = {"method": r["method"], "variant": variant, "metric": r["metric"], "value": r["value_mean"],
-             "phase": r.get("phase", ""), "step": r["step"], **{c: r[f"{c}_mean"] for c in COSTS}}
+             "phase": r.get("phase", ""), "step": r.get("step_mean") if r["step"] == "end" else r["step"],
+             **{c: r[f"{c}_mean"] for c in COSTS}}
         if "selected" in r:
             p["selected"] = r["selected"]
         out.append(p)

@@ -55,8 +55,13 @@ def expected(multirun: Path) -> dict[tuple[str, str, str], dict]:
     per: dict[tuple, dict] = {}
     for k, seed in enumerate(s for _ in METHODS for s in SEEDS):
         groups: dict[tuple, list] = {}
-        for r in read_points(multirun / str(k) / "points.csv"):
-            groups.setdefault((r["method"], r.get("phase") or "", r["step"]), []).append(r)
+        points = read_points(multirun / str(k) / "points.csv")
+        for r in points:
+            phase = r.get("phase") or ""
+            once = len({q["step"] for q in points if (q["method"], q.get("phase")) == (r["method"], r.get("phase"))}) == 1
+            # a search's winner, whatever step it ended at (uniform's final points, one per ratio, keep theirs)
+            step = "end" if phase in ("final", "scratch_control") and once else r["step"]
+            groups.setdefault((r["method"], phase, step), []).append(r)
         for key, rs in groups.items():
             chosen = [r for r in rs if r.get("selected") == "True"] or rs
             per.setdefault(key, {}).setdefault(seed, max(chosen, key=lambda r: float(r["value"])))
