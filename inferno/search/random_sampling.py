@@ -112,9 +112,14 @@ class RandomSampling(SearchLoop):
         raise ConfigError(f"pruner.budget: no architecture within {state['limits']} in {self.max_tries} random draws")
 
     def draws(self, ctx, state):
-        """The progress bar over the draws (held across steps; ``max_samples`` is the most there can be)."""
+        """The progress bar over the draws (held across steps): ``max_samples``, or as many as the training budget
+        allows where it is the tighter limit."""
         if getattr(self, "_bar", None) is None:
-            self._bar = ctx.progress(range(self.max_samples), desc=f"{self.label}: samples")
+            total = self.max_samples
+            if state["total_samples"] is not None:
+                per_sample = self.sample_epochs(ctx) * ctx.samples_per_epoch()
+                total = min(total, max(1, int(state["total_samples"] // max(per_sample, 1))))
+            self._bar = ctx.progress(range(total), desc=f"{self.label}: samples")
             self._bar.update(state["step"])  # a resumed search starts where it stopped
         return self._bar
 
