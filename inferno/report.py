@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inferno.pick import lower_is_better
-from inferno.tracking import plot_curve, read_points, truthy
+from inferno.tracking import number, plot_curve, read_points, truthy
 
 COSTS = ("macs", "effective_macs", "latency_ms", "train_samples")
 END_PHASES = ("final", "scratch_control")  # recorded once, when a search ends: one row over seeds, step "end"
@@ -149,14 +149,6 @@ def load_runs(dirs) -> list[Run]:
 
 
 # ---------------------------------------------------------------- numbers
-def _num(v) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _text(v) -> str:
     return "" if v is None else str(v)
 
@@ -183,7 +175,7 @@ def configurations(runs: list[Run]) -> dict[tuple[int, str, str, str], str]:
 def _better(metric: str):
     """key whose max is the best point of ``metric``."""
     low = lower_is_better(metric)
-    return lambda r: (-(_num(r.get("value")) or math.inf) if low else (_num(r.get("value")) or -math.inf))
+    return lambda r: (-(number(r.get("value")) or math.inf) if low else (number(r.get("value")) or -math.inf))
 
 
 def _stats(xs: list[float | None]) -> tuple[float | None, float | None, int]:
@@ -202,10 +194,10 @@ def _aggregate(groups: dict[tuple, dict[str, dict]], keys: tuple[str, ...]) -> l
         row["n"] = len(reps)
         row["seeds"] = " | ".join(by_seed)
         for col in ("value", *COSTS):
-            mean, std, _ = _stats([_num(r.get(col)) for r in reps])
+            mean, std, _ = _stats([number(r.get(col)) for r in reps])
             row[f"{col}_mean"], row[f"{col}_std"] = mean, std
         if row.get("step") == "end":
-            row["step_mean"] = _stats([_num(r.get("step")) for r in reps])[0]
+            row["step_mean"] = _stats([number(r.get("step")) for r in reps])[0]
         if any("selected" in r for r in reps):
             row["selected"] = all(truthy(r.get("selected")) for r in reps)
         out.append(row)
@@ -213,7 +205,7 @@ def _aggregate(groups: dict[tuple, dict[str, dict]], keys: tuple[str, ...]) -> l
 
 
 def _order(row: dict) -> tuple:
-    step = _num(row.get("step"))
+    step = number(row.get("step"))
     return (row["model"], row["task"], row["metric"], row["method"] != "dense", row["method"], row["variant"],
             row["configuration"], row.get("phase", ""), step if step is not None else math.inf, _text(row.get("step")))
 
@@ -230,7 +222,7 @@ def tables(runs: list[Run]) -> tuple[list[dict], list[dict]]:
         for r in run.rows:
             end_steps[(_text(r.get("method")), _text(r.get("variant")), _text(r.get("phase")))].add(_text(r.get("step")))
         for r in run.rows:
-            if _num(r.get("value")) is None:
+            if number(r.get("value")) is None:
                 continue
             base = {k: _text(r.get(k)) for k in ("model", "task", "metric", "method", "variant")}
             base["configuration"] = conf[(i, base["model"], base["task"], base["method"])]

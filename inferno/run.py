@@ -187,7 +187,11 @@ def check_checkpoint(path) -> None:
         with safe_open(str(path), framework="pt"):
             pass
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"model.checkpoint: {path} is not a readable safetensors file ({' '.join(str(e).split())})") from e
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path, e: Exception) -> ConfigError:
+    return ConfigError(f"model.checkpoint: {path} is not a readable safetensors file ({' '.join(str(e).split())})")
 
 
 def load_checkpoint(path, net: nn.Module, model: str) -> dict:
@@ -200,7 +204,7 @@ def load_checkpoint(path, net: nn.Module, model: str) -> dict:
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"model.checkpoint: {path} is not a readable safetensors file ({' '.join(str(e).split())})") from e
+        raise _unreadable(path, e) from e
     want = net.state_dict()
     missing, unexpected = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
     shapes = [k for k in set(want) & set(weights) if want[k].shape != weights[k].shape]

@@ -227,7 +227,7 @@ def versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- reading rows back (numbers or CSV strings)
-def _number(v) -> float | None:
+def number(v) -> float | None:
     """A finite float from a number or a CSV string; None for blanks, text, NaN and infinities."""
     try:
         x = float(v)
@@ -263,7 +263,7 @@ def pareto_front(points: list[dict], x: str, higher_is_better: bool = True, y: s
     sx, sy = (1.0 if x_is_cost else -1.0), (1.0 if higher_is_better else -1.0)
     valid = []
     for i, p in enumerate(points):
-        cx, cy = _number(p.get(x)), _number(p.get(y))
+        cx, cy = number(p.get(x)), number(p.get(y))
         if cx is not None and cy is not None:
             valid.append((sx * cx, sy * cy, i, p))
     valid.sort(key=lambda t: (t[0], -t[1], t[2]))  # cheapest first, the best of equal cost first
@@ -281,7 +281,7 @@ def selected_path(rows: list[dict]) -> list[dict]:
     if not any(truthy(r.get("selected")) for r in rows):
         return []
     path = [r for r in rows if truthy(r.get("selected")) or r.get("phase") == "final"]
-    return sorted(path, key=lambda r: (_number(r.get("step")) or 0.0, r.get("phase") == "final"))
+    return sorted(path, key=lambda r: (number(r.get("step")) or 0.0, r.get("phase") == "final"))
 
 
 def _colors(labels: list[str]) -> dict[str, Any]:
@@ -341,7 +341,7 @@ def _limit_y(ax, shown: list[float], every: list[float], higher_is_better: bool)
 
 
 def _xy(rows: list[dict], x: str) -> tuple[list[float], list[float]]:
-    return [_number(r[x]) for r in rows], [_number(r["value"]) for r in rows]
+    return [number(r[x]) for r in rows], [number(r["value"]) for r in rows]
 
 
 def plot_curve(rows: list[dict], path: str | Path, x_axes=("macs", "train_samples")) -> Path:
@@ -356,7 +356,7 @@ def plot_curve(rows: list[dict], path: str | Path, x_axes=("macs", "train_sample
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    rows = [r for r in rows if _number(r.get("value")) is not None]
+    rows = [r for r in rows if number(r.get("value")) is not None]
     metrics = sorted({str(r["metric"]) for r in rows}) or ["value"]
     colors = _colors(list(dict.fromkeys(series_label(r) for r in rows if r["method"] != "dense")))
     fig, axes = plt.subplots(len(metrics), len(x_axes), figsize=(5.2 * len(x_axes), 3.9 * len(metrics)), squeeze=False)
@@ -364,7 +364,7 @@ def plot_curve(rows: list[dict], path: str | Path, x_axes=("macs", "train_sample
     styles: set[str] = set()
     for i, metric in enumerate(metrics):
         for j, x in enumerate(x_axes):
-            pts = [r for r in rows if r["metric"] == metric and _number(r.get(x)) is not None]
+            pts = [r for r in rows if r["metric"] == metric and number(r.get(x)) is not None]
             _panel(axes[i][j], pts, x, metric, colors, legend, styles)
     key = {"front": Line2D([], [], color="0.3", lw=1.8, marker="o", ms=4, label="Pareto front (best at <= cost)"),
            "path": Line2D([], [], color="0.3", lw=1.2, ls="--", marker="^", ms=5, label="selected path"),
@@ -477,7 +477,7 @@ def pareto_series(rows: list[dict], x_axes=("macs",)) -> list[tuple[str, str, st
             for x in x_axes:
                 front = pareto_front(sub, x, HIGHER_IS_BETTER.get(metric, True))
                 if front:
-                    out.append((label, metric, x, [[_number(r[x]), _number(r["value"])] for r in front]))
+                    out.append((label, metric, x, [[number(r[x]), number(r["value"])] for r in front]))
     return out
 
 

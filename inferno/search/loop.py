@@ -332,12 +332,17 @@ def _init_worker(cfg: dict, threads: int) -> None:
     _WORKER.update(task=task, trainers=Trainers(**{**OmegaConf.to_container(cfg.hardware), "progress_bar": False}))
 
 
-def _fit_in_worker(net: nn.Module, epochs: float, seed: int, train: TrainConfig, val_history: bool):
+def _train(trainers: Trainers, task, net: nn.Module, epochs: float, seed: int, train: TrainConfig,
+           val_history: bool) -> Fitted:
+    """One seeded training of ``net`` in place: the same here and in a worker process."""
     L.seed_everything(seed, workers=True, verbose=False)
-    history = [] if val_history else None
-    curves: dict = {}
-    samples = _WORKER["trainers"].fit(net, _WORKER["task"], epochs, train, history, curves=curves)
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, samples, history, curves
+    history, curves = ([] if val_history else None), {}
+    return Fitted(trainers.fit(net, task, epochs, train, history, curves=curves), history, curves)
+
+
+def _fit_in_worker(net: nn.Module, epochs: float, seed: int, train: TrainConfig, val_history: bool):
+    fitted = _train(_WORKER["trainers"], _WORKER["task"], net, epochs, seed, train, val_history)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, fitted
 
 
 class SearchLoop:
@@ -470,22 +475,17 @@ class SearchLoop:
         """Every :class:`Fit` done, its network trained in place: here one after the other, or with ``workers`` > 1
         in that many worker processes (kept for the rest of the search), each training seeded exactly as here."""
         if workers <= 1 or len(fits) <= 1:
-            out = []
-            for f in fits:
-                self.seed(ctx, *f.where)
-                history, curves = ([] if f.val_history else None), {}
-                samples = ctx.trainers.fit(f.net, ctx.task, f.epochs, f.train or ctx.train, history, curves=curves)
-                out.append(Fitted(samples, history, curves))
-            return out
+            return [_train(ctx.trainers, ctx.task, f.net, f.epochs, self.seed_value(ctx, *f.where), f.train or ctx.train,
+                           f.val_history) for f in fits]
         pool = self.workers(ctx, workers)
         futures = [pool.submit(_fit_in_worker, f.net.cpu(), f.epochs, self.seed_value(ctx, *f.where),
                                f.train or ctx.train, f.val_history) for f in fits]
         out = []
         for f, future in zip(fits, ctx.progress(futures, desc=f"{self.method}: {len(fits)} fits on {workers} workers")):
-            weights, samples, history, curves = future.result()
+            weights, fitted = future.result()
             f.net.load_state_dict(weights)
             f.net.to(ctx.device)
-            out.append(Fitted(samples, history, curves))
+            out.append(fitted)
         return out
 
     def workers(self, ctx, n: int) -> ProcessPoolExecutor:
